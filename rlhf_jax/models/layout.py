@@ -1,0 +1,104 @@
+"""Attention layout: which keys each query sees, and the position id of every token.
+
+Positions are derived from masks, never from slot indices, so that left-padded, right-padded,
+unpadded and packed inputs give the same logits at real tokens. Masks are built as an additive
+bias with a large *finite* negative, so a fully masked (padding) query row stays finite.
+"""
+from typing import NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+NEG_INF = float(jnp.finfo(jnp.float32).min)
+
+
+class Layout(NamedTuple):
+  positions: jax.Array  # [B, T] int32 position id of each query token.
+  bias: jax.Array  # [B, 1, 1, T, S] float32 additive attention bias (0 or NEG_INF).
+
+
+@flax.struct.dataclass
+class KVCache:
+  """A fixed-size key/value cache for incremental decoding (a plain pytree).
+
+  k, v: one [B, S, kv_heads, head_dim] array per layer. `mask` marks the slots that hold real
+  tokens, `index` is the next slot to write (shared by the batch), `next_pos` the position id
+  the next real token of each row gets. Padding inside a prefill occupies slots but is masked.
+  """
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  mask: jax.Array  # [B, S] int32
+  index: jax.Array  # [] int32
+  next_pos: jax.Array  # [B] int32
+
+  @property
+  def max_len(self) -> int:
+    return self.mask.shape[1]
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+  """Index of each token within its run of equal segment ids (restarts at every new segment)."""
+  t = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+  is_start = jnp.concatenate(
+      [jnp.ones_like(segment_ids[:, :1], dtype=bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+      axis=1)
+  start = jax.lax.cummax(jnp.where(is_start, t[None, :], 0), axis=1)
+  return t[None, :] - start
+
+
+def _bias(allowed: jax.Array) -> jax.Array:
+  return jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)[:, None, None, :, :]
+
+
+def full_layout(attention_mask: jax.Array, segment_ids: jax.Array | None) -> Layout:
+  """Layout of a whole-sequence forward pass (training, scoring).
+
+  attention_mask: [B, T], 1 = real token, padding on either side or both.
+  segment_ids: optional [B, T] for packed rows, 1..n per sequence, 0 = padding; each token then
+    attends causally within its own segment and positions restart at 0 per segment.
+  """
+  mask = attention_mask.astype(jnp.int32)
+  if segment_ids is None:
+    segments = mask
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+  else:
+    segments = segment_ids.astype(jnp.int32) * mask
+    positions = segment_positions(segments)
+  t = jnp.arange(mask.shape[1])
+  causal = t[None, :, None] >= t[None, None, :]
+  same = segments[:, :, None] == segments[:, None, :]
+  allowed = causal & same & (segments[:, None, :] > 0)
+  return Layout(positions.astype(jnp.int32), _bias(allowed))
+
+
+def cached_layout(attention_mask: jax.Array, cache: KVCache) -> tuple[Layout, KVCache]:
+  """Layout of T new tokens written at slots [index, index+T) of `cache`; the updated cache.
+
+  The returned cache carries the new mask/index/next_pos; the layers write k and v.
+  """
+  mask = attention_mask.astype(jnp.int32)
+  b, t = mask.shape
+  new_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))
+  positions = cache.next_pos[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+  q_slot = cache.index + jnp.arange(t)
+  k_slot = jnp.arange(cache.max_len)
+  allowed = (k_slot[None, None, :] <= q_slot[None, :, None]) & (new_mask[:, None, :] > 0)
+  new_cache = cache.replace(mask=new_mask, index=cache.index + t,
+                            next_pos=cache.next_pos + mask.sum(axis=1))
+  del b
+  return Layout(positions.astype(jnp.int32), _bias(allowed)), new_cache
+
+
+def last_token_index(attention_mask: jax.Array) -> jax.Array:
+  """[B] index of the last real token of each row (any padding side)."""
+  t = jnp.arange(attention_mask.shape[1])
+  return jnp.max(jnp.where(attention_mask > 0, t[None, :], -1), axis=1)
+
+
+def segment_last_index(segment_ids: jax.Array, max_segments: int) -> jax.Array:
+  """[B, max_segments] index of the last token of segments 1..max_segments (-1 if absent)."""
+  t = jnp.arange(segment_ids.shape[1])
+  seg = jnp.arange(1, max_segments + 1)
+  hit = segment_ids[:, None, :] == seg[None, :, None]
+  return jnp.max(jnp.where(hit, t[None, None, :], -1), axis=2)

@@ -1,0 +1,240 @@
+"""One decoder backbone (GPT-2 and Llama/Qwen2 flavours) and the heads on top of it.
+
+Every kernel carries logical axis names from a small vocabulary (see rlhf_jax/parallel/rules.py):
+  vocab, embed, heads (q/o width = n_heads*head_dim), kv_heads (k/v width), mlp
+and activations are constrained with batch / length / act_embed. Kernels are 2-D (the head
+axis is flattened into the feature axis) because flax applies logical constraints to the
+flattened shape of a DenseGeneral init.
+"""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.models import layout as layout_lib
+from rlhf_jax.models.config import ModelConfig
+
+ROLES = ("policy", "reference", "value", "reward")
+
+_normal = nn.initializers.normal
+
+
+def _kernel(init, names):
+  return nn.with_logical_partitioning(init, names)
+
+
+def _dense(features, names, cfg: ModelConfig, *, use_bias, std=0.02, name=None):
+  return nn.Dense(features, use_bias=use_bias, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+                  kernel_init=_kernel(_normal(std), names),
+                  bias_init=_kernel(nn.initializers.zeros, names[1:]), name=name)
+
+
+class RMSNorm(nn.Module):
+  """Llama RMSNorm: normalise in float32, scale after casting back (as transformers does)."""
+  eps: float
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", _kernel(nn.initializers.ones, ("embed",)), (x.shape[-1],),
+                       jnp.float32)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+def _norm(cfg: ModelConfig, name):
+  if cfg.arch == "gpt2":
+    return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+                        use_fast_variance=False,  # E[x²]-E[x]² loses float32 precision.
+                        scale_init=_kernel(nn.initializers.ones, ("embed",)),
+                        bias_init=_kernel(nn.initializers.zeros, ("embed",)), name=name)
+  return RMSNorm(cfg.norm_eps, cfg.compute_dtype, name=name)
+
+
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+  """Inverse frequencies [head_dim/2], including Llama-3 rescaling when configured."""
+  d = cfg.head_size
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  if cfg.rope_scaling is None:
+    return inv
+  s = dict(cfg.rope_scaling)
+  factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+  old_len = s["original_max_position_embeddings"]
+  wavelen = 2 * math.pi / inv
+  scaled = jnp.where(wavelen > old_len / lo, inv / factor, inv)
+  smooth = (old_len / wavelen - lo) / (hi - lo)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotates [B, T, H, D] by positions [B, T] with the rotate-half pairing of transformers."""
+  angles = positions.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+class Attention(nn.Module):
+  """Causal multi-head / grouped-query attention with an optional fixed-size KV cache."""
+  cfg: ModelConfig
+  out_std: float
+
+  @nn.compact
+  def __call__(self, x, lay: layout_lib.Layout, kv=None, cache_index=None):
+    cfg = self.cfg
+    h, kvh, hd = cfg.n_heads, cfg.kv_heads, cfg.head_size
+    bias = cfg.arch == "gpt2" or cfg.qkv_bias
+    b, t, _ = x.shape
+    q = _dense(h * hd, ("embed", "heads"), cfg, use_bias=bias, name="q")(x).reshape(b, t, h, hd)
+    k = _dense(kvh * hd, ("embed", "kv_heads"), cfg, use_bias=bias, name="k")(x)
+    v = _dense(kvh * hd, ("embed", "kv_heads"), cfg, use_bias=bias, name="v")(x)
+    k, v = k.reshape(b, t, kvh, hd), v.reshape(b, t, kvh, hd)
+    if cfg.uses_rope:
+      inv_freq = rope_frequencies(cfg)
+      q, k = apply_rope(q, lay.positions, inv_freq), apply_rope(k, lay.positions, inv_freq)
+    if kv is not None:  # Write the new keys/values into the cache, attend over all its slots.
+      k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, cache_index, 0, 0))
+      v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, cache_index, 0, 0))
+      kv = (k, v)
+    q = q.reshape(b, t, kvh, h // kvh, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(hd) + lay.bias
+    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(cfg.compute_dtype)).reshape(b, t, h * hd)
+    out = _dense(cfg.d_model, ("heads", "embed"), cfg, use_bias=cfg.arch == "gpt2",
+                 std=self.out_std, name="o")(out)
+    return out, kv
+
+
+class Mlp(nn.Module):
+  cfg: ModelConfig
+  out_std: float
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    if cfg.arch == "gpt2":  # GELU (tanh approximation, "gelu_new") MLP with biases.
+      hdn = _dense(cfg.mlp_dim, ("embed", "mlp"), cfg, use_bias=True, name="fc")(x)
+      hdn = jax.nn.gelu(hdn, approximate=True)
+      return _dense(cfg.d_model, ("mlp", "embed"), cfg, use_bias=True, std=self.out_std,
+                    name="proj")(hdn)
+    gate = _dense(cfg.mlp_dim, ("embed", "mlp"), cfg, use_bias=False, name="gate")(x)
+    up = _dense(cfg.mlp_dim, ("embed", "mlp"), cfg, use_bias=False, name="up")(x)
+    return _dense(cfg.d_model, ("mlp", "embed"), cfg, use_bias=False, std=self.out_std,
+                  name="down")(jax.nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, lay, kv=None, cache_index=None):
+    # GPT-2 scales the init of residual output projections by 1/sqrt(2 * n_layers).
+    out_std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if self.cfg.arch == "gpt2" else 0.02
+    a, kv = Attention(self.cfg, out_std, name="attn")(_norm(self.cfg, "attn_norm")(x), lay, kv,
+                                                      cache_index)
+    x = x + a
+    x = x + Mlp(self.cfg, out_std, name="mlp")(_norm(self.cfg, "mlp_norm")(x))
+    return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), kv
+
+
+class Decoder(nn.Module):
+  """Token (+ learned position) embedding, the blocks, the final norm: hidden states [B,T,D]."""
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
+                          param_dtype=jnp.float32,
+                          embedding_init=_kernel(_normal(0.02), ("vocab", "embed")))
+    if not cfg.uses_rope:
+      self.wpe = self.param("wpe", _kernel(_normal(0.01), (None, "embed")),
+                            (cfg.max_len, cfg.d_model), jnp.float32)
+    block = nn.remat(Block, prevent_cse=True) if cfg.remat else Block
+    self.blocks = [block(cfg, name=f"block_{i}") for i in range(cfg.n_layers)]
+    self.final_norm = _norm(cfg, "final_norm")
+
+  def __call__(self, input_ids, attention_mask, segment_ids=None, cache=None):
+    if cache is None:
+      lay = layout_lib.full_layout(attention_mask, segment_ids)
+    else:
+      lay, cache = layout_lib.cached_layout(attention_mask, cache)
+    x = self.embed(input_ids)
+    if not self.cfg.uses_rope:
+      x = x + jnp.take(self.wpe, lay.positions, axis=0).astype(x.dtype)
+    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+    new_k, new_v = [], []
+    for i, block in enumerate(self.blocks):
+      kv = None if cache is None else (cache.k[i], cache.v[i])
+      start = None if cache is None else cache.index - input_ids.shape[1]
+      x, kv = block(x, lay, kv, start)
+      if kv is not None:
+        new_k.append(kv[0])
+        new_v.append(kv[1])
+    if cache is not None:
+      cache = cache.replace(k=tuple(new_k), v=tuple(new_v))
+    return self.final_norm(x), cache
+
+  def attend(self, hidden):
+    """Tied LM head: logits against the token embedding matrix."""
+    return self.embed.attend(hidden)
+
+
+class Transformer(nn.Module):
+  """The decoder with the head of one role.
+
+  role "policy"/"reference": logits [B, T, vocab] (float32).
+  role "value": per-token values [B, T] (float32; head zero-initialised).
+  role "reward": scalar per sequence [B], read at the last real token; with `segment_ids` and
+    `max_segments` (packed rows), [B, max_segments] read at each segment's last token.
+  With `cache`, returns (output, updated cache).
+  """
+  cfg: ModelConfig
+  role: str = "policy"
+
+  def setup(self):
+    if self.role not in ROLES:
+      raise ValueError(f"unknown model role {self.role!r}; expected one of {ROLES}")
+    cfg = self.cfg
+    self.backbone = Decoder(cfg)
+    if self.role in ("policy", "reference") and not cfg.tie_embeddings:
+      self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
+                              param_dtype=jnp.float32,
+                              kernel_init=_kernel(_normal(0.02), ("embed", "vocab")))
+    elif self.role == "value":
+      self.value_head = nn.Dense(1, dtype=jnp.float32, param_dtype=jnp.float32,
+                                 kernel_init=_kernel(nn.initializers.zeros, ("embed", None)),
+                                 bias_init=_kernel(nn.initializers.zeros, (None,)))
+    elif self.role == "reward":
+      self.reward_head = nn.Dense(
+          1, dtype=jnp.float32, param_dtype=jnp.float32,
+          kernel_init=_kernel(_normal(1.0 / math.sqrt(cfg.d_model + 1)), ("embed", None)),
+          bias_init=_kernel(nn.initializers.zeros, (None,)))
+
+  def __call__(self, input_ids, attention_mask=None, segment_ids=None, cache=None,
+               max_segments=None):
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    hidden, new_cache = self.backbone(input_ids, attention_mask, segment_ids, cache)
+    if self.role in ("policy", "reference"):
+      out = self.backbone.attend(hidden) if self.cfg.tie_embeddings else self.lm_head(hidden)
+      out = nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "act_vocab"))
+    elif self.role == "value":
+      out = self.value_head(hidden.astype(jnp.float32))[..., 0]
+    else:
+      scores = self.reward_head(hidden.astype(jnp.float32))[..., 0]
+      if segment_ids is None:
+        idx = layout_lib.last_token_index(attention_mask)
+        out = jnp.take_along_axis(scores, jnp.maximum(idx, 0)[:, None], axis=1)[:, 0]
+      else:
+        if max_segments is None:
+          raise ValueError("a reward model on packed rows needs max_segments")
+        idx = layout_lib.segment_last_index(segment_ids * attention_mask, max_segments)
+        out = jnp.where(idx >= 0, jnp.take_along_axis(scores, jnp.maximum(idx, 0), axis=1), 0.0)
+    return out if cache is None else (out, new_cache)
