@@ -1,0 +1,287 @@
+"""Fixed-shape batches from tokenised examples: padded (one sequence per row) and packed.
+
+Padded layout, one row per sequence, T = prompt_len + response_len:
+
+    [pad pad p0 p1 p2 | r0 r1 EOS pad pad]      prompt left-padded, response right-padded
+     mask  0  0  1  1  1    1  1  1   0   0
+     loss  0  0  0  0  0    1  1  1   0   0      1 on response tokens (the prediction targets)
+     pos   0  0  0  1  2    3  4  5   0   0
+
+so every response starts at column prompt_len, which is also the layout generation wants.
+Packed layout: sequences (prompt + response, no padding between them) are placed first-fit into
+`rows` rows of `length` tokens; `segment_ids` number them 1..n within a row (0 = padding),
+positions restart at 0 in each segment and `sequence_ids` maps each token to its sequence's
+slot in the batch (-1 = padding), so per-sequence sums are one segment_sum away.
+
+`loss_mask` is aligned with `input_ids` (1 where the token is a response token). With the
+usual shift (logits[:, :-1] predict input_ids[:, 1:]) use loss_mask[:, 1:]. Prompts are never
+empty (tokenisation enforces it), so a segment's first token is never a target and no
+prediction crosses a segment boundary.
+"""
+import dataclasses
+from typing import Callable, Sequence
+
+import flax.struct
+import numpy as np
+
+from rlhf_jax.data.tokenization import TokenizedPair, TokenizedSFT, TokenizedUnpaired
+
+Seq = tuple[np.ndarray, np.ndarray]  # (prompt ids, response ids)
+
+
+@flax.struct.dataclass
+class SequenceBatch:
+  """Padded sequences, [B, T] int32 each."""
+  input_ids: np.ndarray
+  attention_mask: np.ndarray
+  loss_mask: np.ndarray
+  positions: np.ndarray
+
+
+@flax.struct.dataclass
+class PreferenceBatch:
+  """Row i of `chosen` and of `rejected` share the same prompt; margin [B] float32."""
+  chosen: SequenceBatch
+  rejected: SequenceBatch
+  margin: np.ndarray
+
+
+@flax.struct.dataclass
+class UnpairedBatch:
+  sequences: SequenceBatch
+  desirable: np.ndarray  # [B] bool
+
+
+@flax.struct.dataclass
+class PackedBatch:
+  """Packed sequences. [R, T] int32: input_ids, segment_ids (1-based, 0 = pad), positions,
+  attention_mask, loss_mask, sequence_ids (slot in [0, S), -1 = pad); sequence_mask [S] int32
+  (1 = slot holds a sequence; S = max_sequences is static so shapes never change)."""
+  input_ids: np.ndarray
+  segment_ids: np.ndarray
+  positions: np.ndarray
+  attention_mask: np.ndarray
+  loss_mask: np.ndarray
+  sequence_ids: np.ndarray
+  sequence_mask: np.ndarray
+
+
+@flax.struct.dataclass
+class PackedPreferenceBatch:
+  """Pair i is sequence slot 2i (chosen) and 2i+1 (rejected); margin and pair_mask [S/2]."""
+  tokens: PackedBatch
+  margin: np.ndarray
+  pair_mask: np.ndarray
+
+
+def example_sequences(ex) -> tuple[Seq, ...]:
+  """The (prompt, response) sequences one example contributes, in slot order."""
+  if isinstance(ex, TokenizedSFT):
+    return ((ex.prompt, ex.response),)
+  if isinstance(ex, TokenizedPair):
+    return ((ex.prompt, ex.chosen), (ex.prompt, ex.rejected))
+  if isinstance(ex, TokenizedUnpaired):
+    return ((ex.prompt, ex.completion),)
+  raise TypeError(f"not a tokenised example: {type(ex).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Padded
+# ---------------------------------------------------------------------------------------------
+
+
+def pad_sequences(seqs: Sequence[Seq], prompt_len: int, response_len: int,
+                  pad_id: int) -> SequenceBatch:
+  """Prompt left-padded to prompt_len, response right-padded to response_len."""
+  b, t = len(seqs), prompt_len + response_len
+  ids = np.full((b, t), pad_id, np.int32)
+  mask = np.zeros((b, t), np.int32)
+  loss = np.zeros((b, t), np.int32)
+  pos = np.zeros((b, t), np.int32)
+  for i, (p, r) in enumerate(seqs):
+    lp, lr = len(p), len(r)
+    if lp > prompt_len or lr > response_len:
+      raise ValueError(f"sequence {i} has prompt {lp} / response {lr} tokens, more than "
+                       f"{prompt_len} / {response_len}: tokenise with the same lengths")
+    lo, hi = prompt_len - lp, prompt_len + lr
+    ids[i, lo:prompt_len] = p
+    ids[i, prompt_len:hi] = r
+    mask[i, lo:hi] = 1
+    loss[i, prompt_len:hi] = 1
+    pos[i, lo:hi] = np.arange(lp + lr, dtype=np.int32)
+  return SequenceBatch(ids, mask, loss, pos)
+
+
+def pad_sft(examples: Sequence[TokenizedSFT], prompt_len: int, response_len: int,
+            pad_id: int) -> SequenceBatch:
+  return pad_sequences([(e.prompt, e.response) for e in examples], prompt_len, response_len,
+                       pad_id)
+
+
+def pad_preferences(examples: Sequence[TokenizedPair], prompt_len: int, response_len: int,
+                    pad_id: int) -> PreferenceBatch:
+  return PreferenceBatch(
+      pad_sequences([(e.prompt, e.chosen) for e in examples], prompt_len, response_len, pad_id),
+      pad_sequences([(e.prompt, e.rejected) for e in examples], prompt_len, response_len,
+                    pad_id),
+      np.asarray([e.margin for e in examples], np.float32))
+
+
+def pad_unpaired(examples: Sequence[TokenizedUnpaired], prompt_len: int, response_len: int,
+                 pad_id: int) -> UnpairedBatch:
+  return UnpairedBatch(
+      pad_sequences([(e.prompt, e.completion) for e in examples], prompt_len, response_len,
+                    pad_id),
+      np.asarray([e.desirable for e in examples], bool))
+
+
+def stack_pairs(batch: PreferenceBatch) -> SequenceBatch:
+  """[2B, T]: chosen rows then rejected rows, for one forward pass over both."""
+  return SequenceBatch(*(np.concatenate([a, b]) for a, b in zip(
+      (batch.chosen.input_ids, batch.chosen.attention_mask, batch.chosen.loss_mask,
+       batch.chosen.positions),
+      (batch.rejected.input_ids, batch.rejected.attention_mask, batch.rejected.loss_mask,
+       batch.rejected.positions))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed
+# ---------------------------------------------------------------------------------------------
+
+
+class _FirstFit:
+  """First-fit placement of whole examples (all their sequences, or none) into rows."""
+
+  def __init__(self, rows: int, length: int, max_sequences: int):
+    self.length = length
+    self.max_sequences = max_sequences
+    self.fill = np.zeros(rows, np.int64)
+    self.placements: list[tuple[int, int]] = []  # (row, offset) per sequence slot.
+
+  def try_add(self, lengths: Sequence[int]) -> bool:
+    if len(self.placements) + len(lengths) > self.max_sequences:
+      return False
+    placed = []
+    for n in lengths:
+      if n > self.length:
+        raise ValueError(f"a sequence of {n} tokens cannot fit a packed row of {self.length}")
+      rows = np.flatnonzero(self.fill + n <= self.length)
+      if not rows.size:
+        for (row, _), m in zip(placed, lengths):  # An example is placed whole or not at all.
+          self.fill[row] -= m
+        return False
+      row = int(rows[0])
+      placed.append((row, int(self.fill[row])))
+      self.fill[row] += n
+    self.placements.extend(placed)
+    return True
+
+
+def pack_sequences(seqs: Sequence[Seq], rows: int, length: int, max_sequences: int,
+                   pad_id: int, groups: Sequence[int] | None = None) -> PackedBatch:
+  """Packs all `seqs` (first-fit, groups placed whole); ValueError if they do not fit.
+
+  `groups` gives how many consecutive sequences form one example (default: 1 each).
+  """
+  groups = [1] * len(seqs) if groups is None else list(groups)
+  ff = _FirstFit(rows, length, max_sequences)
+  k = 0
+  for g in groups:
+    if not ff.try_add([len(p) + len(r) for p, r in seqs[k:k + g]]):
+      raise ValueError(f"{len(seqs)} sequences do not fit {rows} rows x {length} tokens with "
+                       f"at most {max_sequences} sequences")
+    k += g
+  ids = np.full((rows, length), pad_id, np.int32)
+  seg = np.zeros((rows, length), np.int32)
+  pos = np.zeros((rows, length), np.int32)
+  loss = np.zeros((rows, length), np.int32)
+  sid = np.full((rows, length), -1, np.int32)
+  next_segment = np.ones(rows, np.int32)
+  for slot, ((p, r), (row, off)) in enumerate(zip(seqs, ff.placements)):
+    n = len(p) + len(r)
+    ids[row, off:off + len(p)] = p
+    ids[row, off + len(p):off + n] = r
+    seg[row, off:off + n] = next_segment[row]
+    next_segment[row] += 1
+    pos[row, off:off + n] = np.arange(n, dtype=np.int32)
+    loss[row, off + len(p):off + n] = 1
+    sid[row, off:off + n] = slot
+  seq_mask = np.zeros(max_sequences, np.int32)
+  seq_mask[:len(seqs)] = 1
+  return PackedBatch(ids, seg, pos, (seg > 0).astype(np.int32), loss, sid, seq_mask)
+
+
+def pack_sft(examples: Sequence[TokenizedSFT], rows: int, length: int, max_sequences: int,
+             pad_id: int) -> PackedBatch:
+  return pack_sequences([(e.prompt, e.response) for e in examples], rows, length,
+                        max_sequences, pad_id)
+
+
+def pack_preferences(examples: Sequence[TokenizedPair], rows: int, length: int,
+                     max_sequences: int, pad_id: int) -> PackedPreferenceBatch:
+  """Chosen and rejected of pair i go to slots 2i and 2i+1 (in any rows)."""
+  if max_sequences % 2:
+    raise ValueError(f"max_sequences={max_sequences} must be even for pairs")
+  seqs = [s for e in examples for s in ((e.prompt, e.chosen), (e.prompt, e.rejected))]
+  tokens = pack_sequences(seqs, rows, length, max_sequences, pad_id, [2] * len(examples))
+  margin = np.zeros(max_sequences // 2, np.float32)
+  margin[:len(examples)] = [e.margin for e in examples]
+  return PackedPreferenceBatch(tokens, margin, tokens.sequence_mask[0::2].copy())
+
+
+# ---------------------------------------------------------------------------------------------
+# Batchers: how many stream examples the next batch takes, and how they are assembled
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PaddedBatcher:
+  """Exactly `batch_size` examples per batch (per process); `collate(examples) -> batch`."""
+  batch_size: int
+  collate: Callable
+
+  def local_limit(self, total: int, process_count: int) -> int:
+    """Per-process examples usable from a finite stream of `total`: whole global batches
+    only, so that every process yields the same number of batches."""
+    return total // (self.batch_size * process_count) * self.batch_size
+
+  def __call__(self, get: Callable[[int], object], available: int | None):
+    if available is not None and available < self.batch_size:
+      return None
+    return self.collate([get(i) for i in range(self.batch_size)]), self.batch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedBatcher:
+  """As many stream examples as fit, in order: the next example that does not fit (first-fit
+  over the rows, or the max_sequences cap) starts the next batch. `pack` is pack_sft or
+  pack_preferences."""
+  pack: Callable
+  rows: int
+  length: int
+  pad_id: int
+  max_sequences: int
+
+  def local_limit(self, total: int, process_count: int) -> int:
+    if process_count > 1:
+      # Each process packs a different number of examples per batch, so finite streams would
+      # end after different numbers of steps and leave the other processes waiting.
+      raise ValueError("packed batches with num_epochs on several processes would give each "
+                       "process a different number of batches; use num_epochs=None and stop "
+                       "after a fixed number of steps")
+    return total
+
+  def __call__(self, get: Callable[[int], object], available: int | None):
+    ff = _FirstFit(self.rows, self.length, self.max_sequences)
+    taken = []
+    while available is None or len(taken) < available:
+      ex = get(len(taken))
+      if not ff.try_add([len(p) + len(r) for p, r in example_sequences(ex)]):
+        if not taken:
+          raise ValueError(f"{ex.source or 'an example'} does not fit an empty packed batch "
+                           f"({self.rows} x {self.length}, {self.max_sequences} sequences)")
+        break
+      taken.append(ex)
+    if not taken:
+      return None
+    return self.pack(taken, self.rows, self.length, self.max_sequences, self.pad_id), len(taken)
