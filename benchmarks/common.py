@@ -1,0 +1,49 @@
+"""Shared measurement helpers for the benchmark scripts (each prints one JSON line)."""
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+  """Median wall time of fn() over `repeats` calls, blocking on its outputs."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def matmul_peak(sizes=(2048, 4096), dtype=jnp.float32, repeats=5) -> dict[str, float]:
+  """Achieved GFLOP/s of a jitted square matmul at each size: this machine's practical peak."""
+  out = {}
+  for n in sizes:
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    f = jax.jit(jnp.matmul)
+    secs = median_seconds(lambda: f(a, b), repeats)
+    out[f"matmul_{n}_gflops"] = 2 * n**3 / secs / 1e9
+  return out
+
+
+def compiled_stats(compiled) -> dict[str, float]:
+  """FLOPs (XLA cost analysis) and per-device memory (memory_analysis) of a compiled step."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  mem = compiled.memory_analysis()
+  stats = {"xla_flops": float(cost.get("flops", 0.0))}
+  if mem is not None:
+    for field in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+                  "generated_code_size_in_bytes"):
+      stats[field] = int(getattr(mem, field, 0))
+  return stats
+
+
+def device_info() -> dict[str, str]:
+  d = jax.devices()[0]
+  return {"platform": d.platform, "device_kind": d.device_kind, "devices": jax.device_count()}
