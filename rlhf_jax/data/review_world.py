@@ -343,9 +343,10 @@ class ReviewWorld:
       m = int((n - len(out)) * 1.05) + 8
       z = (rng.random(m) < self._prior[1]).astype(np.int64)
       q = np.minimum((self._init_cdf[z] < rng.random(m)[:, None]).sum(-1), len(self._stop) - 1)
+      empty = rng.random(m) < cfg.stop_floor  # Ended before the first word: too short.
       first = self._emit(rng, q)
       rest, lengths, ended = self._run(rng, z, q, cfg.max_review_words - 1, True)
-      ok = ended & (lengths + 1 > cfg.min_prompt_words)
+      ok = ended & ~empty & (lengths + 1 > cfg.min_prompt_words)
       for i in np.flatnonzero(ok):
         out.append(np.concatenate([[first[i]], rest[i, :lengths[i]]]).astype(np.int32))
     return out[:n]
@@ -418,7 +419,10 @@ class ReviewWorld:
       ids[i, :len(s)] = s
     e_t = self._emit_score.T  # [V, K]
     logp = np.zeros((n, width + 1))
-    alpha = self._prior[None, :, None] * self._init[None] * e_t[ids[:, 0]][:, None, :]
+    # The process may end before its first word too (stop_floor), which keeps the next-token
+    # distribution after an empty prefix normalised over words + EOS.
+    alpha = ((1.0 - self.config.stop_floor) * self._prior[None, :, None] * self._init[None]
+             * e_t[ids[:, 0]][:, None, :])
     alpha = np.where((lens > 0)[:, None, None], alpha,
                      self._prior[None, :, None] * self._init[None])
     c = alpha.sum((1, 2))
@@ -435,7 +439,8 @@ class ReviewWorld:
       c_safe = np.where(live, c, 1.0)
       logp[:, t] = np.where(live, np.log(c_safe), 0.0)
       alpha = np.where(live[:, None, None], nxt / c_safe[:, None, None], alpha)
-    end = alpha * self._stop[None, None, :]
+    end = alpha * np.where((lens > 0)[:, None, None], self._stop[None, None, :],
+                           self.config.stop_floor)
     p_end = end.sum((1, 2))
     logp[np.arange(n), lens] = np.where(ended, np.log(p_end), 0.0)
     alpha = np.where(ended[:, None, None], end / p_end[:, None, None], alpha)
