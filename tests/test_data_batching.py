@@ -68,6 +68,8 @@ def test_packed_layout_first_fit():
   np.testing.assert_array_equal(b.sequence_ids, [[0, 0, 0, 0, 0, 2, 2, 2],
                                                  [1, 1, 1, 1, -1, -1, -1, -1]])
   np.testing.assert_array_equal(b.sequence_mask, [1, 1, 1, 0])
+  np.testing.assert_array_equal(b.sequence_row, [0, 1, 0, 0])
+  np.testing.assert_array_equal(b.sequence_segment, [1, 1, 2, 0])
   with pytest.raises(ValueError, match="do not fit 1 rows x 8 tokens"):
     data.pack_sequences(seqs, rows=1, length=8, max_sequences=4, pad_id=PAD)
 

@@ -1,5 +1,6 @@
 """Packed batches are a pure layout change: per-sequence log-prob sums of packed and padded
-batches agree (tiny model from rlhf_jax.models), for SFT sequences and for DPO pairs."""
+batches agree (tiny model from rlhf_jax.models), for SFT sequences and for DPO pairs, and so
+do reward-model scores read at each packed sequence's last token."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,10 +15,10 @@ def world():
   return data.ReviewWorld(data.WorldConfig(seed=3))
 
 
-def _model(arch, vocab_size):
+def _model(arch, vocab_size, role="policy"):
   cfg = models.get_config("tiny", arch=arch, vocab_size=vocab_size, d_model=64, n_layers=2,
                           n_heads=4, mlp_dim=128, max_len=128)
-  module = models.build_model(cfg, role="policy")
+  module = models.build_model(cfg, role=role)
   ids = jnp.zeros((1, 8), jnp.int32)
   params = module.init(jax.random.key(0), ids, jnp.ones_like(ids))["params"]
   return module, params
@@ -82,3 +83,25 @@ def test_dpo_pairs_packed_equal_padded(world):
   np.testing.assert_allclose(got[1:2 * n:2], padded_sums(module, params, padded.rejected),
                              rtol=0, atol=1e-5)
   np.testing.assert_array_equal(packed.pair_mask, [1] * n + [0] * (6 - n))
+
+
+def test_reward_scores_packed_equal_padded(world):
+  cfg = world.tokenize_config()
+  pairs = data.tokenize_preferences(world.sample_preferences(5, k=3, seed=4), world.tokenizer,
+                                    cfg).examples
+  module, params = _model("llama", world.vocab_size, role="reward")
+  padded = data.stack_pairs(data.pad_preferences(pairs, cfg.max_prompt_len,
+                                                 cfg.max_response_len, cfg.pad_id))
+  packed = data.pack_preferences(pairs, rows=4, length=96, max_sequences=10,
+                                 pad_id=cfg.pad_id).tokens
+  want = np.asarray(jax.jit(lambda p, ids, m: module.apply({"params": p}, ids, attention_mask=m))(
+      params, padded.input_ids, padded.attention_mask))  # [2n]: chosen rows, then rejected
+  slots = packed.sequence_mask.shape[0]
+  scores = np.asarray(jax.jit(lambda p, ids, m, seg: module.apply(
+      {"params": p}, ids, attention_mask=m, segment_ids=seg, max_segments=slots))(
+          params, packed.input_ids, packed.attention_mask, packed.segment_ids))  # [R, slots]
+  got = scores[packed.sequence_row, packed.sequence_segment - 1]
+  assert np.ptp(want) > 1e-3  # Scores differ between sequences, so a mix-up would show.
+  n = len(pairs)
+  np.testing.assert_allclose(got[0:2 * n:2], want[:n], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(got[1:2 * n:2], want[n:], rtol=0, atol=1e-5)

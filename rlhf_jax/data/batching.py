@@ -55,8 +55,11 @@ class UnpairedBatch:
 @flax.struct.dataclass
 class PackedBatch:
   """Packed sequences. [R, T] int32: input_ids, segment_ids (1-based, 0 = pad), positions,
-  attention_mask, loss_mask, sequence_ids (slot in [0, S), -1 = pad); sequence_mask [S] int32
-  (1 = slot holds a sequence; S = max_sequences is static so shapes never change)."""
+  attention_mask, loss_mask, sequence_ids (slot in [0, S), -1 = pad). [S] int32 per slot:
+  sequence_mask (1 = slot holds a sequence; S = max_sequences is static so shapes never
+  change), sequence_row and sequence_segment (where the slot's sequence lies: a per-segment
+  output [R, n_segments], such as packed reward-model scores, is read at
+  [sequence_row, sequence_segment - 1]; both 0 for empty slots)."""
   input_ids: np.ndarray
   segment_ids: np.ndarray
   positions: np.ndarray
@@ -64,6 +67,8 @@ class PackedBatch:
   loss_mask: np.ndarray
   sequence_ids: np.ndarray
   sequence_mask: np.ndarray
+  sequence_row: np.ndarray
+  sequence_segment: np.ndarray
 
 
 @flax.struct.dataclass
@@ -196,19 +201,23 @@ def pack_sequences(seqs: Sequence[Seq], rows: int, length: int, max_sequences: i
   pos = np.zeros((rows, length), np.int32)
   loss = np.zeros((rows, length), np.int32)
   sid = np.full((rows, length), -1, np.int32)
+  slot_row = np.zeros(max_sequences, np.int32)
+  slot_segment = np.zeros(max_sequences, np.int32)
   next_segment = np.ones(rows, np.int32)
   for slot, ((p, r), (row, off)) in enumerate(zip(seqs, ff.placements)):
     n = len(p) + len(r)
     ids[row, off:off + len(p)] = p
     ids[row, off + len(p):off + n] = r
     seg[row, off:off + n] = next_segment[row]
+    slot_row[slot], slot_segment[slot] = row, next_segment[row]
     next_segment[row] += 1
     pos[row, off:off + n] = np.arange(n, dtype=np.int32)
     loss[row, off + len(p):off + n] = 1
     sid[row, off:off + n] = slot
   seq_mask = np.zeros(max_sequences, np.int32)
   seq_mask[:len(seqs)] = 1
-  return PackedBatch(ids, seg, pos, (seg > 0).astype(np.int32), loss, sid, seq_mask)
+  return PackedBatch(ids, seg, pos, (seg > 0).astype(np.int32), loss, sid, seq_mask, slot_row,
+                     slot_segment)
 
 
 def pack_sft(examples: Sequence[TokenizedSFT], rows: int, length: int, max_sequences: int,

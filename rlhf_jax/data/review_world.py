@@ -459,8 +459,8 @@ class ReviewWorld:
       stop = np.flatnonzero(r == self.eos_id)
       has_eos = bool(stop.size)
       r = r[:stop[0]] if has_eos else r
-      bad = np.concatenate([p, r])
-      if bad.size and (bad.min() < 0 or bad.max() >= self.vocab_size):
+      both = np.concatenate([p, r])
+      if both.size and (both.min() < 0 or both.max() >= self.vocab_size):
         raise ValueError(f"token ids must lie in [0, {self.vocab_size}) for this world")
       seqs.append(np.concatenate([p, r]))
       ended.append(has_eos)
