@@ -9,10 +9,11 @@ its own stream positions a process has consumed; saving it and passing it back a
 
 For padded batches every process consumes the same number per step, so the positions agree;
 for packed batches each process's position is its own (save it per process, as orbax does for
-per-process data state) and all must be resumed with the same process count.
+per-process data state). Either way, resume with the same seed and process count.
 """
 from typing import Callable, Generic, Sequence, TypeVar
 
+import jax
 import numpy as np
 from absl import logging
 
@@ -26,10 +27,8 @@ class DataIterator(Generic[B]):
                shuffle: bool = True, num_epochs: int | None = None,
                process_index: int | None = None, process_count: int | None = None,
                position: int = 0):
-    if process_index is None or process_count is None:
-      import jax  # Only for the defaults: the data package stays usable without a backend.
-      process_index = jax.process_index() if process_index is None else process_index
-      process_count = jax.process_count() if process_count is None else process_count
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index={process_index} not in [0, {process_count})")
     if not len(source):
