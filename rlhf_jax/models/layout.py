@@ -15,7 +15,7 @@ NEG_INF = float(jnp.finfo(jnp.float32).min)
 
 class Layout(NamedTuple):
   positions: jax.Array  # [B, T] int32 position id of each query token.
-  bias: jax.Array  # [B, 1, 1, T, S] float32 additive attention bias (0 or NEG_INF).
+  bias: jax.Array  # [B, 1, T, S] float32 additive attention bias (0 or NEG_INF).
 
 
 @flax.struct.dataclass
@@ -48,7 +48,7 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
 
 
 def _bias(allowed: jax.Array) -> jax.Array:
-  return jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)[:, None, None, :, :]
+  return jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)[:, None, :, :]
 
 
 def full_layout(attention_mask: jax.Array, segment_ids: jax.Array | None) -> Layout:

@@ -101,11 +101,12 @@ class Attention(nn.Module):
       k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, cache_index, 0, 0))
       v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, cache_index, 0, 0))
       kv = (k, v)
-    q = q.reshape(b, t, kvh, h // kvh, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(hd) + lay.bias
-    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(cfg.compute_dtype)).reshape(b, t, h * hd)
+    # jax.nn.dot_product_attention: float32 logits and softmax, native GQA, and a backward
+    # pass several times faster on XLA:CPU than a hand-written grouped einsum.
+    dtype = cfg.compute_dtype
+    out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
+                                       bias=lay.bias, scale=1.0 / math.sqrt(hd))
+    out = out.reshape(b, t, h * hd)
     out = _dense(cfg.d_model, ("heads", "embed"), cfg, use_bias=cfg.arch == "gpt2",
                  std=self.out_std, name="o")(out)
     return out, kv
