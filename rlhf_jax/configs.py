@@ -1,0 +1,97 @@
+"""Helpers for experiment configs (ml_collections), big_vision style.
+
+    def get_config(arg=None):
+      arg = configs.parse_arg(arg, variant="tiny", runlocal=False)
+      ...
+      return configs.lock(config)
+"""
+import ast
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from rlhf_jax import models
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """"variant=small,runlocal" -> ConfigDict(variant="small", runlocal=True); typed by defaults.
+
+  A bare name sets a boolean default to True. Unknown names and ill-typed values are errors.
+  """
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    name, eq, value = item.partition("=")
+    name = name.strip()
+    if name not in defaults:
+      raise ValueError(f"unknown config argument {name!r} in {arg!r}; expected some of "
+                       f"{sorted(defaults)}")
+    default = defaults[name]
+    if not eq:
+      if not isinstance(default, bool):
+        raise ValueError(f"config argument {name!r} needs a value ({name}=...)")
+      out[name] = True
+    elif isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config argument {name}={value!r}: expected true or false")
+      out[name] = value.lower() in ("true", "1")
+    elif isinstance(default, str):
+      out[name] = value
+    else:
+      try:
+        out[name] = type(default)(ast.literal_eval(value))
+      except (ValueError, SyntaxError) as e:
+        raise ValueError(f"config argument {name}={value!r}: expected a "
+                         f"{type(default).__name__}") from e
+  return ml_collections.ConfigDict(out)
+
+
+def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Locked: assigning a key that does not exist is an error naming it."""
+  config.lock()
+  return config
+
+
+def unset_required(config: ml_collections.ConfigDict, prefix: str = "config") -> list[str]:
+  """Names of the required fields (see `required`) that are still unset."""
+  missing = []
+  for key, value in config.items(preserve_field_references=True):
+    name = f"{prefix}.{key}"
+    if isinstance(value, config_dict.FieldReference):
+      if isinstance(value, RequiredField) and value.get() is None:
+        missing.append(name)
+    elif isinstance(value, ml_collections.ConfigDict):
+      missing.extend(unset_required(value, name))
+  return missing
+
+
+def check_required(config: ml_collections.ConfigDict) -> None:
+  missing = unset_required(config)
+  if missing:
+    raise ValueError(f"required config values are unset: {', '.join(missing)} "
+                     "(set them with --config.KEY=VALUE)")
+
+
+class RequiredField(config_dict.FieldReference):
+  """A typed field that must be set before a run starts (checked by `check_required`).
+
+  ml_collections' own required_placeholder raises on every read, including the one
+  ConfigDict.lock() makes, so it cannot live in a locked config.
+  """
+
+
+def required(field_type: type) -> config_dict.FieldReference:
+  """A required field: typed, None until set on the command line or in the file."""
+  return RequiredField(None, field_type=field_type)
+
+
+def model_config(cfg: ml_collections.ConfigDict, vocab_size: int | None = None
+                 ) -> models.ModelConfig:
+  """ModelConfig from config.model = {size: name, **ModelConfig overrides}.
+
+  vocab_size (e.g. the task's vocabulary) is used unless the config sets one.
+  """
+  overrides: dict[str, Any] = {k: v for k, v in cfg.items() if k != "size" and v is not None}
+  if vocab_size is not None and "vocab_size" not in overrides:
+    overrides["vocab_size"] = vocab_size
+  return models.get_config(cfg.size, **overrides)

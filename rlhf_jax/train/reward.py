@@ -1,0 +1,240 @@
+"""Reward-model stage: Bradley–Terry training of an ensemble of k reward models.
+
+Members differ by init seed and, for k > 1, by a bootstrap resample of the training pairs
+(Coste et al. 2023, "Reward model ensembles help mitigate overoptimization"). All members
+train in one program: their params are stacked on a leading axis and the step is vmapped, so
+k members cost one compile. k = 1 is the plain reward model (no resampling).
+
+After training each member's head is affinely rescaled so that its rewards on a reference set
+(the held-out pairs' chosen and rejected responses) have mean 0 and std 1; the gain and bias
+are folded into the head's kernel and bias, so the stored params *are* the normalised model.
+"""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import flax.linen as nn
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from rlhf_jax import configs, data, models, objectives, parallel
+from rlhf_jax.train import loop as loop_lib
+from rlhf_jax.train import optim, state as state_lib, step as step_lib, task as task_lib
+from rlhf_jax.train.sft import loop_config
+
+
+def pair_arrays(batch: data.PreferenceBatch) -> dict[str, np.ndarray]:
+  """Chosen and rejected rows side by side, every array with the pair axis first (so that
+  micro-batching never separates a pair)."""
+  return {"chosen_ids": batch.chosen.input_ids, "chosen_mask": batch.chosen.attention_mask,
+          "rejected_ids": batch.rejected.input_ids,
+          "rejected_mask": batch.rejected.attention_mask, "margin": batch.margin}
+
+
+def pair_rewards(module, params, batch) -> tuple[jax.Array, jax.Array]:
+  """(r_chosen, r_rejected) [B] from one forward pass over the 2B sequences."""
+  ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]])
+  mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
+  return tuple(jnp.split(module.apply({"params": params}, ids, mask), 2))
+
+
+def reward_loss_fn(module, *, use_margin: bool, center_coef: float):
+  """loss_fn for step.make_train_step: Bradley–Terry summed over pairs, count = pairs."""
+  def loss_fn(params, batch, rng):
+    del rng
+    r_c, r_r = pair_rewards(module, params, batch)
+    loss_sum, sums = objectives.bradley_terry(
+        r_c, r_r, margin=batch["margin"] if use_margin else None, center_coef=center_coef)
+    return loss_sum, (sums["pairs"], {"accuracy": sums["accuracy"],
+                                      "reward_margin": sums["margin"]})
+  return loss_fn
+
+
+def _stacked_sharding(sharding: NamedSharding) -> NamedSharding:
+  """The same placement with a new, unsharded leading (ensemble member) axis."""
+  return NamedSharding(sharding.mesh, P(None, *sharding.spec))
+
+
+def init_ensemble(module, keys: jax.Array, mesh, rules, backbone=None):
+  """Stacked params [k, ...] born on the mesh; each member's backbone copied from `backbone`
+  (e.g. the SFT policy's params) when given, its head drawn from its own key."""
+  sample = jnp.ones((1, 8), jnp.int32)
+  shardings = jax.tree.map(_stacked_sharding,
+                           parallel.param_shardings(module, mesh, rules, sample, sample))
+
+  def one(key, source):
+    params = nn.unbox(module.init(key, sample, sample)["params"])
+    return params if source is None else models.transfer_backbone(source, params)
+
+  with parallel.mesh_context(mesh, rules):
+    return jax.jit(jax.vmap(one, in_axes=(0, None)), out_shardings=shardings)(keys, backbone)
+
+
+def ensemble_state(params, tx, rng: jax.Array, mesh, rules) -> state_lib.State:
+  """Per-member optimiser state, step and RNG, all stacked on the leading axis."""
+  k = jax.tree.leaves(params)[0].shape[0]
+  member = NamedSharding(mesh, P(None))
+  with parallel.mesh_context(mesh, rules):
+    opt = jax.jit(jax.vmap(tx.init))(params)
+  return {"params": params, "opt": opt,
+          "step": jax.device_put(jnp.zeros((k,), jnp.int32), member),
+          "rng": jax.device_put(jax.random.key_data(jax.random.split(rng, k)),
+                                NamedSharding(mesh, P(None, None)))}
+
+
+def ensemble_step(step_fn):
+  """vmap of a single-model step over members; metrics averaged over members (the loop logs
+  scalars), "skipped" counts members whose update was skipped."""
+  vmapped = jax.vmap(step_fn)
+
+  def step(state, batch):
+    state, metrics = vmapped(state, batch)
+    out = {k: jnp.mean(v) for k, v in metrics.items()}
+    out["skipped"] = jnp.sum(metrics["skipped"])
+    return state, out
+  return step
+
+
+class EnsembleIterator:
+  """k DataIterators over bootstrap resamples, advanced together; batches stacked [k, ...].
+
+  All members consume the same number of examples per batch (padded batches), so one
+  integer position resumes all of them.
+  """
+
+  def __init__(self, iterators):
+    self._iterators = iterators
+
+  @property
+  def position(self) -> int:
+    return self._iterators[0].position
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batches = [pair_arrays(next(it)) for it in self._iterators]
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def bootstrap_sources(examples, k: int, seed: int):
+  """Member i trains on a resample with replacement (i = 0 too when k > 1); k = 1: as is."""
+  if k == 1:
+    return [examples]
+  out = []
+  for member in range(k):
+    idx = np.random.default_rng([seed, 7, member]).integers(0, len(examples), len(examples))
+    out.append([examples[i] for i in idx])
+  return out
+
+
+def shard_members(batch, mesh):
+  """[k, B, ...] arrays: members replicated, pairs split over data x fsdp."""
+  def put(x):
+    return jax.device_put(x, NamedSharding(mesh, P(None, parallel.sharding.BATCH_AXES,
+                                                   *(None,) * (x.ndim - 2))))
+  return jax.tree.map(put, batch)
+
+
+def ensemble_rewards(module, params, ids, mask) -> jax.Array:
+  """[k, B] rewards of every member for the sequences [B, T]."""
+  return jax.vmap(lambda p: module.apply({"params": p}, ids, mask))(params)
+
+
+def score_sequences(module, params, ids: np.ndarray, mask: np.ndarray, mesh,
+                    batch_size: int) -> np.ndarray:
+  """[k, N] member rewards for N padded sequences, in batches divisible over the mesh."""
+  batch_size = max(batch_size // mesh.size, 1) * mesh.size
+  fn = jax.jit(lambda p, i, m: ensemble_rewards(module, p, i, m))
+  out = []
+  for start in range(0, len(ids), batch_size):
+    i, m = ids[start:start + batch_size], mask[start:start + batch_size]
+    short = batch_size - len(i)
+    if short:
+      i = np.concatenate([i, np.zeros((short, i.shape[1]), i.dtype)])
+      m = np.concatenate([m, np.zeros((short, m.shape[1]), m.dtype)])
+    r = np.asarray(fn(params, *parallel.shard_batch((i, m), mesh)))
+    out.append(r[:, :batch_size - short])
+  return np.concatenate(out, axis=1)
+
+
+def normalize_heads(params, rewards: np.ndarray):
+  """Folds r' = (r − mean) / std (per member, over `rewards` [k, N]) into the reward heads."""
+  mean, std = rewards.mean(axis=1), rewards.std(axis=1) + 1e-8
+  head = params["reward_head"]
+  kernel = head["kernel"] / jnp.asarray(std)[:, None, None]
+  bias = (head["bias"] - jnp.asarray(mean)[:, None]) / jnp.asarray(std)[:, None]
+  return {**params, "reward_head": {"kernel": kernel, "bias": bias}}, mean, std
+
+
+def evaluate_pairs(module, params, pairs, tok: data.TokenizeConfig, mesh, batch_size: int
+                   ) -> dict[str, float]:
+  """Held-out accuracy of each member, of the ensemble mean, and the mean ensemble std."""
+  batch = data.pad_preferences(pairs, tok.max_prompt_len, tok.max_response_len, tok.pad_id)
+  r_c = score_sequences(module, params, batch.chosen.input_ids, batch.chosen.attention_mask,
+                        mesh, batch_size)
+  r_r = score_sequences(module, params, batch.rejected.input_ids,
+                        batch.rejected.attention_mask, mesh, batch_size)
+  member_acc = (r_c > r_r).mean(axis=1)
+  out = {"eval_accuracy": float((r_c.mean(0) > r_r.mean(0)).mean()),
+         "eval_accuracy_members_mean": float(member_acc.mean()),
+         "eval_ensemble_std": float(np.concatenate([r_c, r_r], 1).std(0).mean())}
+  return out, np.concatenate([r_c, r_r], axis=1)
+
+
+def run_reward(config: ml_collections.ConfigDict, workdir: str, *, task=None, backbone=None,
+               train_pairs=None, eval_pairs=None):
+  """Trains config.reward.ensemble_size reward models; returns (module, stacked params,
+  results). Pairs default to the task's (gold-labelled samples of the review world, or
+  JSONL); `backbone` (e.g. SFT params) initialises every member's backbone."""
+  task = task or task_lib.build_task(config.task)
+  module = models.build_model(configs.model_config(config.model, task.vocab_size), "reward")
+  mesh = parallel.make_mesh(config.mesh.to_dict())
+  rules = config.sharding
+  cfg = config.reward
+  tok = task.tokenize_config
+  train_pairs = train_pairs if train_pairs is not None else task_lib.preference_examples(
+      task, config.task, "train")
+  eval_pairs = eval_pairs if eval_pairs is not None else task_lib.preference_examples(
+      task, config.task, "eval")
+  sources = bootstrap_sources(train_pairs, cfg.ensemble_size, config.seed)
+  collate = lambda exs: data.pad_preferences(exs, tok.max_prompt_len, tok.max_response_len,
+                                             tok.pad_id)
+  batcher = data.PaddedBatcher(cfg.batch_size, collate)
+
+  def make_iterator(position):
+    return EnsembleIterator([data.DataIterator(src, batcher, seed=config.seed + i,
+                                               position=position)
+                             for i, src in enumerate(sources)])
+
+  tx, _ = optim.make_optimizer(cfg.optim, cfg.steps)
+  init_key, rng = jax.random.split(jax.random.key(config.seed + 1))
+  params = init_ensemble(module, jax.random.split(init_key, cfg.ensemble_size), mesh, rules,
+                         backbone)
+  state = ensemble_state(params, tx, rng, mesh, rules)
+  single = step_lib.make_train_step(
+      reward_loss_fn(module, use_margin=cfg.use_margin, center_coef=cfg.center_coef), tx,
+      accum_steps=cfg.optim.accum_steps)
+  step_fn = state_lib.jit_step(ensemble_step(single), state)
+
+  def eval_fn(params):
+    return evaluate_pairs(module, params, eval_pairs, tok, mesh, cfg.eval_batch_size)[0]
+
+  with parallel.mesh_context(mesh, rules):
+    state = loop_lib.train_loop(
+        workdir=workdir, state=state, step_fn=step_fn, make_iterator=make_iterator,
+        to_device=lambda b: shard_members(b, mesh), loop=loop_config(cfg, config.run),
+        extra={"config": config.to_dict()}, eval_fn=eval_fn, desc="reward")
+    results, rewards = evaluate_pairs(module, state["params"], eval_pairs, tok, mesh,
+                                      cfg.eval_batch_size)
+    params, mean, std = normalize_heads(state["params"], rewards)
+  results.update({"normalization_mean": mean.tolist(), "normalization_std": std.tolist(),
+                  "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs)})
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "reward_results.json"), "w") as f:
+      json.dump(results, f, indent=2)
+  logging.info("reward: %s", results)
+  return module, params, results
