@@ -17,7 +17,13 @@ from rlhf_jax.train import state as state_lib
 
 
 class Preempted(SystemExit):
-  """Raised after a SIGTERM was handled: the checkpoint is written, the process should exit."""
+  """Raised after a SIGTERM was handled: the checkpoint is written and the process exits with
+  status 143 (128 + SIGTERM, as if killed by it), so a scheduler knows to relaunch it."""
+
+  def __init__(self, message: str):
+    logging.warning("%s", message)
+    print(message, flush=True)
+    super().__init__(143)
 
 
 @dataclasses.dataclass
