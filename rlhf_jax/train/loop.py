@@ -81,7 +81,7 @@ def train_loop(*, workdir: str, state: state_lib.State, step_fn: Callable,
         if step % loop.log_every == 0 or last or evaluate:
           writer.write(step, metrics)
         save(step, force=last)
-        if preemption.requested and not last:
+        if preemption.should_stop(step) and not last:
           save(step, force=True)
           checkpointer.wait()
           raise Preempted(f"{desc}: SIGTERM received; checkpoint saved at step {step}")
