@@ -95,3 +95,31 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int | None = None
   if vocab_size is not None and "vocab_size" not in overrides:
     overrides["vocab_size"] = vocab_size
   return models.get_config(cfg.size, **overrides)
+
+
+def review_world_base(*, size: str = "tiny", runlocal: bool = False) -> ml_collections.ConfigDict:
+  """The parts every review-world experiment shares: model, mesh, task, run and distributed.
+
+  The `tiny` family shrunk to the world's scale (vocab_size comes from the task). Experiment
+  files add their stage sections (sft, reward, dpo, ...) and set `stage`.
+  """
+  c = ml_collections.ConfigDict()
+  c.stage = ""
+  c.seed = 0
+  c.model = ml_collections.ConfigDict(dict(size=size, d_model=128, n_layers=2, n_heads=4,
+                                           mlp_dim=352, max_len=128))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.sharding = "fsdp"
+  c.task = ml_collections.ConfigDict(dict(
+      kind="review_world", world_seed=0, n_sft=20_000, n_eval=500,
+      # Gold-labelled pairs of the process's own samples (standalone reward / DPO stages).
+      n_pairs=10_000, n_eval_pairs=1_000, k=4, label_temperature=0.0))
+  c.run = ml_collections.ConfigDict(dict(log_every=10, checkpoint_every=100,
+                                         keep_checkpoints=2, max_nonfinite=5))
+  c.distributed = ml_collections.ConfigDict(dict(
+      enabled=False, coordinator_address="", num_processes=1, process_id=0, timeout_s=300))
+  if runlocal:
+    c.task.n_sft, c.task.n_eval = 4_000, 200
+    c.task.n_pairs, c.task.n_eval_pairs = 2_000, 200
+    c.run.checkpoint_every = 40
+  return c

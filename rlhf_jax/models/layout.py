@@ -51,24 +51,35 @@ def _bias(allowed: jax.Array) -> jax.Array:
   return jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)[:, None, :, :]
 
 
-def full_layout(attention_mask: jax.Array, segment_ids: jax.Array | None) -> Layout:
+def full_layout(attention_mask: jax.Array, segment_ids: jax.Array | None,
+                positions: jax.Array | None = None,
+                parent_segment_ids: jax.Array | None = None) -> Layout:
   """Layout of a whole-sequence forward pass (training, scoring).
 
   attention_mask: [B, T], 1 = real token, padding on either side or both.
   segment_ids: optional [B, T] for packed rows, 1..n per sequence, 0 = padding; each token then
     attends causally within its own segment and positions restart at 0 per segment.
+  parent_segment_ids: optional [B, T] (with segment_ids and positions) for prefix sharing: a
+    token also sees the earlier tokens of its parent segment (0 = none). E.g. one row holding
+    [prompt | chosen | rejected] as segments 1, 2, 3 with parents 0, 1, 1: each response
+    attends to the shared prompt but not to the other response.
+  positions: optional [B, T] position ids; by default derived from the mask / segments.
   """
   mask = attention_mask.astype(jnp.int32)
   if segment_ids is None:
     segments = mask
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    derived = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
   else:
     segments = segment_ids.astype(jnp.int32) * mask
-    positions = segment_positions(segments)
+    derived = segment_positions(segments)
+  positions = derived if positions is None else positions
   t = jnp.arange(mask.shape[1])
   causal = t[None, :, None] >= t[None, None, :]
-  same = segments[:, :, None] == segments[:, None, :]
-  allowed = causal & same & (segments[:, None, :] > 0)
+  visible = segments[:, :, None] == segments[:, None, :]
+  if parent_segment_ids is not None:
+    parents = parent_segment_ids.astype(jnp.int32) * mask
+    visible |= (parents[:, :, None] == segments[:, None, :]) & (parents[:, :, None] > 0)
+  allowed = causal & visible & (segments[:, None, :] > 0)
   return Layout(positions.astype(jnp.int32), _bias(allowed))
 
 

@@ -161,9 +161,10 @@ class Decoder(nn.Module):
     self.blocks = [block(cfg, name=f"block_{i}") for i in range(cfg.n_layers)]
     self.final_norm = _norm(cfg, "final_norm")
 
-  def __call__(self, input_ids, attention_mask, segment_ids=None, cache=None):
+  def __call__(self, input_ids, attention_mask, segment_ids=None, cache=None, positions=None,
+               parent_segment_ids=None):
     if cache is None:
-      lay = layout_lib.full_layout(attention_mask, segment_ids)
+      lay = layout_lib.full_layout(attention_mask, segment_ids, positions, parent_segment_ids)
     else:
       lay, cache = layout_lib.cached_layout(attention_mask, cache)
     x = self.embed(input_ids)
@@ -194,7 +195,8 @@ class Transformer(nn.Module):
   role "value": per-token values [B, T] (float32; head zero-initialised).
   role "reward": scalar per sequence [B], read at the last real token; with `segment_ids` and
     `max_segments` (packed rows), [B, max_segments] read at each segment's last token.
-  With `cache`, returns (output, updated cache).
+  With `cache`, returns (output, updated cache). `positions` and `parent_segment_ids` give
+  explicit position ids and prefix sharing (see layout.full_layout).
   """
   cfg: ModelConfig
   role: str = "policy"
@@ -219,10 +221,11 @@ class Transformer(nn.Module):
           bias_init=_kernel(nn.initializers.zeros, (None,)))
 
   def __call__(self, input_ids, attention_mask=None, segment_ids=None, cache=None,
-               max_segments=None):
+               max_segments=None, positions=None, parent_segment_ids=None):
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    hidden, new_cache = self.backbone(input_ids, attention_mask, segment_ids, cache)
+    hidden, new_cache = self.backbone(input_ids, attention_mask, segment_ids, cache, positions,
+                                      parent_segment_ids)
     if self.role in ("policy", "reference"):
       out = self.backbone.attend(hidden) if self.cfg.tie_embeddings else self.lm_head(hidden)
       out = nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "act_vocab"))

@@ -25,21 +25,24 @@ def _split_micro(batch, accum_steps: int):
   return jax.tree.map(split, batch)
 
 
-def accumulate(loss_fn: LossFn, params, batch, rng: jax.Array, accum_steps: int):
-  """(loss_sum, count, metric_sums, grad_sum) over `accum_steps` micro-batches (a scan)."""
+def accumulate(loss_fn: LossFn, params, batch, rng: jax.Array, accum_steps: int, *extra):
+  """(loss_sum, count, metric_sums, grad_sum) over `accum_steps` micro-batches (a scan).
+
+  `extra` (e.g. a frozen reference model's params) is passed to every loss_fn call as is.
+  """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if accum_steps == 1:
-    (loss_sum, (count, sums)), grads = grad_fn(params, batch, rng)
+    (loss_sum, (count, sums)), grads = grad_fn(params, batch, rng, *extra)
     return loss_sum, count, sums, grads
   micro = _split_micro(batch, accum_steps)
 
   def body(carry, xs):
     mb, i = xs
-    (loss_sum, (count, sums)), grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
+    (loss_sum, (count, sums)), grads = grad_fn(params, mb, jax.random.fold_in(rng, i), *extra)
     return jax.tree.map(jnp.add, carry, (loss_sum, count, sums, grads)), None
 
   first = jax.tree.map(lambda x: x[0], micro)
-  shapes = jax.eval_shape(lambda: grad_fn(params, first, rng))
+  shapes = jax.eval_shape(lambda: grad_fn(params, first, rng, *extra))
   (loss_shape, (count_shape, sums_shape)), grads_shape = shapes
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                        (loss_shape, count_shape, sums_shape, grads_shape))
@@ -48,14 +51,22 @@ def accumulate(loss_fn: LossFn, params, batch, rng: jax.Array, accum_steps: int)
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
-                    accum_steps: int = 1) -> Callable[[State, Any], tuple[State, dict]]:
+                    accum_steps: int = 1, state_extra: tuple[str, ...] = (),
+                    post_update: Callable[[State], State] | None = None
+                    ) -> Callable[[State, Any], tuple[State, dict]]:
   """step(state, batch) -> (state, metrics). A non-finite loss or gradient leaves params and
-  optimiser state unchanged (metrics["skipped"] = 1); the step counter still advances."""
+  optimiser state unchanged (metrics["skipped"] = 1); the step counter still advances.
+
+  state_extra: names of frozen state entries (e.g. "ref", a reference model's params) passed to
+    loss_fn after the rng; they are neither differentiated nor micro-batched.
+  post_update: state -> state after the update (e.g. TR-DPO's reference sync).
+  """
 
   def step(state: State, batch) -> tuple[State, dict]:
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    extra = tuple(state[name] for name in state_extra)
     loss_sum, count, sums, grad_sum = accumulate(loss_fn, state["params"], batch, rng,
-                                                 accum_steps)
+                                                 accum_steps, *extra)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grad_sum)
     loss = loss_sum / denom
@@ -66,6 +77,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = {**state, "params": keep(params, state["params"]), "opt": keep(opt, state["opt"]),
                  "step": state["step"] + 1}
+    if post_update is not None:
+      new_state = post_update(new_state)
     metrics = {"loss": loss, "grad_norm": grad_norm, "count": count,
                "skipped": 1 - finite.astype(jnp.int32),
                **{k: v / denom for k, v in sums.items()}}
