@@ -3,7 +3,8 @@
   python -m rlhf_jax.main --config=experiments/dpo/review_world.py:loss=sigmoid --workdir=DIR
   python -m rlhf_jax.main --config=experiments/dpo/review_world.py:loss=ipo,runlocal --workdir=DIR
 
-`loss` is any key of rlhf_jax.objectives.PREFERENCE_LOSSES (sigmoid = DPO, Rafailov et al. 2023;
+`loss` is "kto" (Ethayarajh et al. 2024, on the pairs split into unpaired completions) or any
+key of rlhf_jax.objectives.PREFERENCE_LOSSES (sigmoid = DPO, Rafailov et al. 2023;
 ipo, Azar et al. 2024; simpo, Meng et al. 2024; orpo, Hong et al. 2024; ...). Pairs are all
 k(k-1)/2 gold-labelled pairs of k = 4 samples per prompt from the world's own process (as the
 DPO paper's IMDb set-up labels samples with a sentiment classifier). simpo and orpo run
@@ -18,7 +19,8 @@ from rlhf_jax.train.preference import default_dpo_config
 
 # Per-loss defaults from each paper's recommended range, scaled to this small world.
 BETA = {"sigmoid": 0.1, "robust": 0.1, "hinge": 0.1, "ipo": 0.1, "sppo_hard": 0.1,
-        "nca_pair": 0.1, "apo_zero": 0.1, "apo_down": 0.1, "simpo": 2.0, "orpo": 0.1}
+        "nca_pair": 0.1, "apo_zero": 0.1, "apo_down": 0.1, "simpo": 2.0, "orpo": 0.1,
+        "kto": 0.1}
 
 
 def get_config(arg=None):

@@ -138,6 +138,47 @@ def tr_dpo_sync(every: int, alpha: float):
 
 
 # ---------------------------------------------------------------------------------------------
+# KTO: unpaired completions, with mismatched (prompt, completion) rows for the batch KL
+# ---------------------------------------------------------------------------------------------
+
+def collate_unpaired(examples, tok: data.TokenizeConfig) -> dict[str, np.ndarray]:
+  """Rows for KTO: each example, plus the mismatched row (prompt i, completion i+1 mod B) whose
+  log-ratio estimates the batch KL z₀ (Ethayarajh et al. 2024, arXiv:2402.01306, sec. 4)."""
+  shifted = [data.TokenizedUnpaired(e.prompt, examples[(i + 1) % len(examples)].completion,
+                                    e.desirable) for i, e in enumerate(examples)]
+  rows = data.pad_unpaired(examples, tok.max_prompt_len, tok.max_response_len, tok.pad_id)
+  kl = data.pad_unpaired(shifted, tok.max_prompt_len, tok.max_response_len, tok.pad_id)
+  return {"ids": rows.sequences.input_ids, "mask": rows.sequences.attention_mask,
+          "loss_mask": rows.sequences.loss_mask, "kl_ids": kl.sequences.input_ids,
+          "kl_mask": kl.sequences.attention_mask, "kl_loss_mask": kl.sequences.loss_mask,
+          "desirable": rows.desirable.astype(np.int32)}
+
+
+def kto_loss_fn(module, cfg: ml_collections.ConfigDict):
+  """loss_fn for step.make_train_step: summed KTO losses; count = examples. The reference is
+  the frozen "ref" state entry (KTO needs reference log-probs of the mismatched rows too)."""
+  def logps(params, ids, mask, loss_mask):
+    logits = module.apply({"params": params}, ids, mask)
+    return _masked_sums(models.token_logprobs(logits[:, :-1], ids[:, 1:]), loss_mask)[0]
+
+  def loss_fn(params, batch, rng, ref):
+    del rng
+    b = batch["ids"].shape[0]
+    ids = jnp.concatenate([batch["ids"], batch["kl_ids"]])
+    mask = jnp.concatenate([batch["mask"], batch["kl_mask"]])
+    loss_mask = jnp.concatenate([batch["loss_mask"], batch["kl_loss_mask"]])
+    policy = logps(params, ids, mask, loss_mask)
+    reference = jax.lax.stop_gradient(logps(ref, ids, mask, loss_mask))
+    losses, metrics = objectives.kto_loss(
+        policy[:b], reference[:b], policy[b:], reference[b:], batch["desirable"],
+        beta=cfg.beta, desirable_weight=cfg.desirable_weight,
+        undesirable_weight=cfg.undesirable_weight)
+    n = jnp.asarray(b, jnp.float32)
+    return jnp.sum(losses), (n, {k: v * n for k, v in metrics.items()})
+  return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------
 # Precomputed reference log-probs
 # ---------------------------------------------------------------------------------------------
 
@@ -222,7 +263,7 @@ def make_eval_fn(module, ref_params, eval_pairs, tok, mesh, cfg):
   def eval_fn(params):
     c, r = score_pairs(module, params, eval_pairs, tok, mesh, cfg.batch_size,
                        cfg.shared_prefix)
-    if ref is None:
+    if ref is None:  # Reference-free: SimPO's reward, the average log-prob.
       margin = cfg.beta * (c / n_c - r / n_r)
     else:
       margin = cfg.beta * ((c - ref[0]) - (r - ref[1]))
@@ -243,9 +284,13 @@ def run_preference(config: ml_collections.ConfigDict, workdir: str, *, task=None
   if cfg.reference not in REFERENCE_MODES:
     raise ValueError(f"config.dpo.reference={cfg.reference!r}; expected one of "
                      f"{REFERENCE_MODES}")
-  if cfg.loss not in objectives.PREFERENCE_LOSSES:
-    raise ValueError(f"config.dpo.loss={cfg.loss!r}; expected one of "
+  is_kto = cfg.loss == "kto"
+  if cfg.loss not in objectives.PREFERENCE_LOSSES and not is_kto:
+    raise ValueError(f"config.dpo.loss={cfg.loss!r}; expected 'kto' or one of "
                      f"{sorted(objectives.PREFERENCE_LOSSES)}")
+  if is_kto and (cfg.reference != "model" or cfg.shared_prefix):
+    raise ValueError("config.dpo.loss='kto' needs config.dpo.reference='model' and "
+                     "shared_prefix=False (the KL rows need the reference in the step)")
   if cfg.loss in ("simpo", "orpo") and cfg.reference != "none":
     raise ValueError(f"config.dpo.loss={cfg.loss!r} is reference-free: set "
                      "config.dpo.reference='none'")
@@ -288,7 +333,14 @@ def run_preference(config: ml_collections.ConfigDict, workdir: str, *, task=None
   source = _IndexedPairs(train_pairs, *((ref_c, ref_r) if cfg.reference == "precomputed"
                                         else (None, None)))
 
+  if is_kto:  # Each pair gives a desirable and an undesirable completion (unpaired data).
+    unpaired = [data.TokenizedUnpaired(p.prompt, c, good) for p in train_pairs
+                for c, good in ((p.chosen, True), (p.rejected, False))]
+    source = _IndexedPairs(unpaired, None, None)
+
   def collate(indices):
+    if is_kto:
+      return collate_unpaired([unpaired[i] for i in indices], tok)
     arrays = collate_pairs([train_pairs[i] for i in indices], tok, cfg.shared_prefix)
     if cfg.reference == "precomputed":
       arrays["ref_chosen"] = source.ref_chosen[indices].astype(np.float32)
@@ -300,8 +352,10 @@ def run_preference(config: ml_collections.ConfigDict, workdir: str, *, task=None
   def make_iterator(position):
     return data.DataIterator(source, batcher, seed=config.seed, position=position)
 
+  loss_fn = (kto_loss_fn(module, cfg) if is_kto else
+             preference_loss_fn(module, cfg, tok.max_prompt_len))
   step_fn = state_lib.jit_step(step_lib.make_train_step(
-      preference_loss_fn(module, cfg, tok.max_prompt_len), tx,
+      loss_fn, tx,
       accum_steps=cfg.optim.accum_steps, state_extra=state_extra, post_update=post_update),
       state)
   eval_fn = make_eval_fn(module, ref_params, eval_pairs, tok, mesh, cfg)
@@ -318,7 +372,8 @@ def run_preference(config: ml_collections.ConfigDict, workdir: str, *, task=None
 def default_dpo_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       loss="sigmoid", beta=0.1, label_smoothing=0.0, gamma=0.5, length_normalized=True,
-      nll_weight=0.0, reference="model", shared_prefix=False, ref_sync_every=0,
+      nll_weight=0.0, desirable_weight=1.0, undesirable_weight=1.0, reference="model",
+      shared_prefix=False, ref_sync_every=0,
       ref_sync_alpha=1.0, init_hf_dir="", steps=200, batch_size=16, eval_every=100,
       optim=optim.default_optim_config()))
 

@@ -1,0 +1,94 @@
+"""Sample a policy on held-out prompts and measure it: gold reward, KL(π‖π_ref), diversity.
+
+KL is the Monte-Carlo sequence estimate E_{y~π}[log π(y|x) − log π_ref(y|x)] over the
+sampled responses (temperature 1, the sampling distribution itself), as in the DPO paper's
+reward–KL frontier (Rafailov et al. 2023, Fig. 2).
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from rlhf_jax import data, parallel, sampling
+
+
+def left_pad(prompts, width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """[N, width] ids and mask, each prompt right-aligned (its last `width` tokens)."""
+  ids = np.full((len(prompts), width), pad_id, np.int32)
+  mask = np.zeros_like(ids)
+  for i, p in enumerate(prompts):
+    p = np.asarray(p)[-width:]
+    ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+  return ids, mask
+
+
+def mean_and_stderr(x) -> tuple[float, float]:
+  x = np.asarray(x, np.float64).ravel()
+  if len(x) < 2:
+    return float(x.mean()), 0.0
+  return float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x)))
+
+
+def distinct_n(responses: list[np.ndarray], n: int) -> float:
+  """Distinct n-grams / all n-grams over the responses (Li et al. 2016)."""
+  grams = [tuple(r[i:i + n]) for r in responses for i in range(len(r) - n + 1)]
+  return len(set(grams)) / max(len(grams), 1)
+
+
+def sample_responses(module, params, prompt_ids, *, k: int, sampling_cfg: sampling.SamplingConfig,
+                     prompt_len: int, pad_id: int, mesh, rules, key: jax.Array, batch_size: int,
+                     ref_params=None):
+  """k samples per prompt in fixed-shape batches over the mesh.
+
+  Returns (tokens [N, k, max_new], finished [N, k], logprob sums [N, k], reference logprob sums
+  [N, k] or None): sums over each response's tokens (EOS included).
+  """
+  rows = [p for p in prompt_ids for _ in range(k)]
+  batch = max(batch_size // mesh.size, 1) * mesh.size
+  ref_fn = jax.jit(lambda p, i, m, s: sampling.response_logprobs(module, p, i, m, s,
+                                                                 sampling_cfg.temperature))
+  tokens, finished, logps, ref_logps = [], [], [], []
+  with parallel.mesh_context(mesh, rules):
+    for b, start in enumerate(range(0, len(rows), batch)):
+      chunk = rows[start:start + batch]
+      n = len(chunk)
+      ids, mask = left_pad(chunk + [chunk[-1]] * (batch - n), prompt_len, pad_id)
+      ids, mask = parallel.shard_batch((ids, mask), mesh)
+      out = sampling.generate(module, params, ids, mask, jax.random.fold_in(key, b),
+                              sampling_cfg)
+      tokens.append(np.asarray(out.tokens)[:n])
+      finished.append(np.asarray(out.finished)[:n])
+      logps.append(np.asarray(jnp.sum(out.logprobs * out.response_mask, axis=1))[:n])
+      if ref_params is not None:
+        ref_logps.append(np.asarray(ref_fn(ref_params, ids, mask, out).sum(axis=1))[:n])
+  shape = (len(prompt_ids), k)
+  cat = lambda xs: np.concatenate(xs).reshape(*shape, *np.concatenate(xs).shape[1:])
+  return (cat(tokens), cat(finished), cat(logps),
+          cat(ref_logps) if ref_params is not None else None)
+
+
+def evaluate_policy(module, params, prompts: list[str], *, world: data.ReviewWorld,
+                    cfg: ml_collections.ConfigDict, tok: data.TokenizeConfig, mesh, rules,
+                    key: jax.Array, ref_params=None, k: int = 1) -> dict[str, float]:
+  """Gold reward (mean ± s.e. over every sample), KL to ref_params (if given), EOS fraction,
+  response length and distinct-1/2 of k samples per prompt at temperature cfg.temperature."""
+  sampling_cfg = sampling.SamplingConfig(max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_id,
+                                         pad_id=tok.pad_id, temperature=cfg.temperature)
+  prompt_ids = [world.encode(p) for p in prompts]
+  tokens, finished, logp, ref_logp = sample_responses(
+      module, params, prompt_ids, k=k, sampling_cfg=sampling_cfg,
+      prompt_len=tok.max_prompt_len, pad_id=tok.pad_id, mesh=mesh, rules=rules, key=key,
+      batch_size=cfg.batch_size, ref_params=ref_params)
+  flat = list(tokens.reshape(-1, tokens.shape[-1]))
+  gold = world.score_ids([p for p in prompt_ids for _ in range(k)], flat).reward
+  responses = [t[:np.argmax(t == tok.eos_id)] if (t == tok.eos_id).any() else t for t in flat]
+  out = {}
+  out["gold_reward"], out["gold_reward_stderr"] = mean_and_stderr(gold)
+  if ref_logp is not None:
+    out["kl"], out["kl_stderr"] = mean_and_stderr(logp - ref_logp)
+  out.update(samples=len(flat), eos_fraction=float(finished.mean()),
+             response_length=float(np.mean([len(r) for r in responses])),
+             distinct_1=distinct_n(responses, 1), distinct_2=distinct_n(responses, 2))
+  return out
