@@ -3,6 +3,7 @@ import dataclasses
 from typing import Any
 
 import ml_collections
+import numpy as np
 from absl import logging
 
 from rlhf_jax import data
@@ -58,9 +59,25 @@ def preference_examples(task: Task, cfg: ml_collections.ConfigDict, split: str
     n = cfg.n_pairs if split == "train" else cfg.n_eval_pairs
     raw = task.world.sample_preferences(n, k=cfg.k, temperature=cfg.label_temperature,
                                         seed={"train": 0, "eval": 1}[split])
+  elif split == "eval" and cfg.pairs_eval:
+    raw = data.read_preferences(cfg.pairs_eval)
   else:
-    raw = data.read_preferences(cfg.pairs_train if split == "train" else cfg.pairs_eval)
+    raw = held_out_split(data.read_preferences(cfg.pairs_train), cfg.eval_fraction, split,
+                         seed=cfg.split_seed) if not cfg.pairs_eval else data.read_preferences(
+                             cfg.pairs_train)
   return tokenize_pairs(task, raw, f"pairs {split}")
+
+
+def held_out_split(examples: list, fraction: float, split: str, seed: int = 0) -> list:
+  """A deterministic train/eval split of one file: `fraction` of it (a seeded permutation)
+  is held out for evaluation and never trained on."""
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(f"config.task.eval_fraction={fraction}: expected a value in (0, 1) when "
+                     "config.task.pairs_eval is empty")
+  order = np.random.default_rng([seed, 8]).permutation(len(examples))
+  n_eval = max(1, int(round(fraction * len(examples))))
+  keep = order[:n_eval] if split == "eval" else order[n_eval:]
+  return [examples[i] for i in sorted(keep)]
 
 
 def tokenize_pairs(task: Task, raw, desc: str) -> list[data.TokenizedPair]:
