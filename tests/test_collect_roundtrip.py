@@ -105,10 +105,11 @@ def test_generate_annotate_export_train_reward_model_and_label(hf_policy, tmp_pa
   rm_dir = tmp_path / "rm"
   run_python(["-m", "rlhf_jax.main", "--config=experiments/collect/reward_from_export.py:runlocal",
               f"--config.task.tokenizer={round_dir / 'tokenizer.json'}",
-              f"--config.task.pairs_train={prefs}", f"--config.task.pairs_eval={prefs}",
-              f"--workdir={rm_dir}"])
+              f"--config.task.pairs_train={prefs}", f"--workdir={rm_dir}"])
   results = json.loads((rm_dir / "reward_results.json").read_text())
-  assert results["train_pairs"] == results["eval_pairs"] == n_pairs
+  # 10% of the pairs (at least one) held out for evaluation, the rest trained on.
+  assert results["eval_pairs"] == max(1, round(0.1 * n_pairs))
+  assert results["train_pairs"] + results["eval_pairs"] == n_pairs
   last = json.loads((rm_dir / "metrics.jsonl").read_text().splitlines()[-1])
   assert last["step"] == 5 and np.isfinite(last["loss"])
 

@@ -3,13 +3,13 @@
   python -m rlhf_jax.collect export --workdir=/tmp/round1 --out=/tmp/round1/prefs.jsonl
   python -m rlhf_jax.main --config=experiments/collect/reward_from_export.py \
       --config.task.pairs_train=/tmp/round1/prefs.jsonl \
-      --config.task.pairs_eval=/tmp/round1/prefs_eval.jsonl \
       --config.task.tokenizer=/tmp/round1/tokenizer.json --workdir=/tmp/round1_rm
 
 `collect generate` saves the policy's tokenizer as WORKDIR/tokenizer.json, so the reward model
-reads the text with the tokenizer that wrote it. Hold out a slice of prompts for pairs_eval
-(e.g. a second round, or split the JSONL by item); with one file only, pass it twice and read
-the eval accuracy as training accuracy. Defaults fit the review world (special tokens [EOS] /
+reads the text with the tokenizer that wrote it. Without pairs_eval, a seeded eval_fraction of
+the pairs is held out (rlhf_jax.train.task.held_out_split); that split is by pair, so two pairs
+of one prompt can fall on both sides; for a clean held-out number export a second round (fresh
+prompts) and pass it as pairs_eval. Defaults fit the review world (special tokens [EOS] /
 [PAD], prompts <= 8 tokens, responses <= 48 + EOS); set the task lengths and tokens for
 another tokenizer. The trained model labels a round with
 `python -m rlhf_jax.collect label --labeler=reward --reward_checkpoint=/tmp/round1_rm`.
@@ -33,7 +33,7 @@ def get_config(arg=None):
   c.sharding = "fsdp"
   c.task = ml_collections.ConfigDict(dict(
       kind="files", tokenizer=configs.required(str), pairs_train=configs.required(str),
-      pairs_eval=configs.required(str), eos_token="[EOS]", pad_token="[PAD]",
+      pairs_eval="", eval_fraction=0.1, split_seed=0, eos_token="[EOS]", pad_token="[PAD]",
       max_prompt_len=8, max_response_len=49, over_length="truncate"))
   c.reward = ml_collections.ConfigDict(dict(
       steps=200, batch_size=32, ensemble_size=1, use_margin=False, center_coef=0.0,
