@@ -1,6 +1,6 @@
 """Jitted autoregressive sampling from a policy with a fixed-size KV cache.
 
-One call of `generate` is one XLA program: a prefill of the (left-padded) prompt batch, then a
+One call of `generate` is one XLA program: a prefill of the (padded) prompt batch, then a
 `lax.while_loop` that feeds one token per step into a cache of exactly
 `prompt_len + max_new_tokens - 1` slots (the last sampled token is never fed back), and stops as
 soon as every row has emitted EOS. All buffers have fixed shapes; finished rows keep running
@@ -202,28 +202,38 @@ def _left_pad(ids: jax.Array, mask: jax.Array, width: int, pad_id: int):
           jnp.pad(mask, ((0, 0), (extra, 0))))
 
 
+def _at_last_real(x: jax.Array, mask: jax.Array) -> jax.Array:
+  """x[b, last real column of row b]: [B, T, ...], [B, T] -> [B, ...] (column 0 if none)."""
+  idx = jnp.maximum(models.last_token_index(mask), 0)
+  return jnp.take_along_axis(x, idx.reshape((-1,) + (1,) * (x.ndim - 1)), axis=1)[:, 0]
+
+
 def _prefill(module: Transformer, params: Params, ids: jax.Array, mask: jax.Array,
              cache: models.KVCache, chunk: int | None) -> tuple[jax.Array, models.KVCache]:
   """Writes the prompt into the cache; returns the next-token logits [B, V] of every row.
 
-  With left padding the last column is every row's last real token, so its logits are the
-  ones that predict the first response token.
+  Those are the logits at each row's last real token, wherever the padding is: masks decide
+  positions and visibility, so a right-padded prompt's trailing PAD slots stay masked and
+  decoding continues after them with the right position ids.
   """
   apply = functools.partial(module.apply, {"params": params})
   if chunk is None or chunk >= ids.shape[1]:
     logits, cache = apply(ids, mask, cache=cache)
-    return logits[:, -1], cache
+    return _at_last_real(logits, mask), cache
   b, t = ids.shape
   n = t // chunk  # The caller padded t to a multiple of chunk.
 
-  def body(cache, xs):
+  def body(carry, xs):
+    cache, last = carry
     chunk_ids, chunk_mask = xs
     logits, cache = apply(chunk_ids, chunk_mask, cache=cache)
-    return cache, logits[:, -1]
+    seen = jnp.any(chunk_mask > 0, axis=1)[:, None]
+    return (cache, jnp.where(seen, _at_last_real(logits, chunk_mask), last)), None
 
   split = lambda x: x.reshape(b, n, chunk).transpose(1, 0, 2)
-  cache, last = jax.lax.scan(body, cache, (split(ids), split(mask)))
-  return last[-1], cache
+  last = jnp.zeros((b, module.cfg.vocab_size), jnp.float32)
+  (cache, last), _ = jax.lax.scan(body, (cache, last), (split(ids), split(mask)))
+  return last, cache
 
 
 def generate(module: Transformer, params: Params, prompt_ids: jax.Array,
@@ -231,9 +241,9 @@ def generate(module: Transformer, params: Params, prompt_ids: jax.Array,
   """Samples up to `cfg.max_new_tokens` tokens after each prompt row, as one jitted program.
 
   module: a policy/reference `Transformer` (static); params: its plain params.
-  prompt_ids, prompt_mask: [B, P] int32, LEFT-padded (every row's last column is a real token;
-    every row has at least one). Place them with `parallel.shard_batch` and call under
-    `parallel.mesh_context` to run data-parallel over the mesh.
+  prompt_ids, prompt_mask: [B, P] int, padded on either side (left padding is the convention);
+    every row needs at least one real token. Place them with `parallel.shard_batch` and call
+    under `parallel.mesh_context` to run data-parallel over the mesh.
   key: a PRNG key; the result is a deterministic function of it (and of the inputs).
   """
   # The logical axis rules in force are a static argument: jit's trace cache does not see
@@ -282,8 +292,8 @@ def _generate_traced(module, params, prompt_ids, prompt_mask, key, cfg) -> Sampl
 
   def body(s: _Loop):
     prev = jax.lax.dynamic_slice_in_dim(s.tokens, s.step - 1, 1, axis=1)
-    logits, cache = module.apply({"params": params}, prev, (~s.finished).astype(jnp.int32)[:, None],
-                                 cache=s.cache)
+    live = (~s.finished).astype(jnp.int32)[:, None]
+    logits, cache = module.apply({"params": params}, prev, live, cache=s.cache)
     return _emit(s.replace(cache=_shard_rows(cache)), logits[:, -1], key, cfg)
 
   state = jax.lax.while_loop(cond, body, state)
@@ -299,9 +309,9 @@ def sequences(prompt_ids: jax.Array, prompt_mask: jax.Array,
               samples: Samples) -> tuple[jax.Array, jax.Array]:
   """Prompt + response as one batch for scoring: (ids [B, P+N], attention mask [B, P+N]).
 
-  With a left-padded prompt the result is padded on both sides, which every role of the model
-  accepts (positions come from the mask). A reward model reads it at the last real token, the
-  EOS of finished rows.
+  With a left-padded prompt the result is padded on both sides (a right-padded one also has
+  PAD inside); every role of the model accepts both, as positions come from the mask. A
+  reward model reads it at the last real token, the EOS of finished rows.
   """
   chex.assert_rank([prompt_ids, prompt_mask, samples.tokens], 2)
   ids = jnp.concatenate([prompt_ids.astype(jnp.int32), samples.tokens], axis=1)
@@ -315,12 +325,14 @@ def response_logprobs(module: Transformer, params: Params, prompt_ids: jax.Array
   """[B, N] float32 log-probs of the sampled tokens from one full forward pass; 0 off-mask.
 
   What PPO needs for the reference (or the updated policy) on a rollout: with the sampling
-  params and temperature it reproduces `samples.logprobs`. Logits at column P-1+j predict
-  response column j, which holds because prompts are left-padded.
+  params and temperature it reproduces `samples.logprobs`. Response column 0 is predicted at
+  the prompt's last real token, column j > 0 at column P + j - 1.
   """
   ids, mask = sequences(prompt_ids, prompt_mask, samples)
   p = prompt_ids.shape[1]
   logits = module.apply({"params": params}, ids, mask)
-  logp = models.token_logprobs(logits[:, p - 1:-1], samples.tokens, temperature)
+  first = _at_last_real(logits[:, :p], prompt_mask)[:, None]
+  logits = jnp.concatenate([first, logits[:, p:-1]], axis=1)
+  logp = models.token_logprobs(logits, samples.tokens, temperature)
   chex.assert_equal_shape([logp, samples.logprobs])
   return jnp.where(samples.response_mask > 0, logp, 0.0)
