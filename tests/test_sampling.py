@@ -182,19 +182,45 @@ def test_deterministic_for_a_key(rollout):
   assert (np.asarray(other.tokens) != r["free"].tokens).mean() > 0.3
 
 
+def _right_padded(prompt, pmask):
+  ids, mask = np.full_like(prompt, PAD), np.zeros_like(pmask)
+  for i, row in enumerate(prompt):
+    real = row[pmask[i] == 1]
+    ids[i, :len(real)], mask[i, :len(real)] = real, 1
+  return ids, mask
+
+
+def test_padding_side_does_not_change_samples(rollout):
+  """Right-padded prompts: same draws (same key), same tokens and log-probs; the first token
+  comes from the last real prompt token, not from the trailing PAD column."""
+  r = rollout
+  ids, mask = _right_padded(r["prompt"], r["pmask"])
+  assert (mask[:, -1] == 0).any()
+  out = sampling.generate(r["module"], r["params"], ids, mask, jax.random.key(3), BASE)
+  np.testing.assert_array_equal(np.asarray(out.tokens), r["free"].tokens)
+  np.testing.assert_allclose(np.asarray(out.logprobs), r["free"].logprobs, atol=1e-5, rtol=0)
+  helper = jax.jit(sampling.response_logprobs, static_argnums=(0, 5))(
+      r["module"], r["params"], ids, mask, out, BASE.temperature)
+  np.testing.assert_allclose(np.asarray(helper), r["free"].logprobs, atol=1e-5, rtol=0)
+
+
 def test_chunked_prefill_matches_one_shot(rollout):
-  r = rollout  # Prompt width 7 -> left-padded to 9 for chunks of 3.
-  chunked = sampling.generate(r["module"], r["params"], r["prompt"], r["pmask"],
-                              jax.random.key(3), dataclasses.replace(BASE, prefill_chunk=3))
-  np.testing.assert_array_equal(np.asarray(chunked.tokens), r["free"].tokens)
-  np.testing.assert_allclose(np.asarray(chunked.logprobs), r["free"].logprobs, atol=1e-5, rtol=0)
+  """Chunks of 3 over a width-7 prompt (left-padded to 9); with right padding, the last
+  chunks of short rows hold no real token and the first logits must come from earlier."""
+  r = rollout
+  assert (r["pmask"].sum(1) < 5).any()  # Right-padded, such a row's last chunk is all PAD.
+  chunked_cfg = dataclasses.replace(BASE, prefill_chunk=3)
+  for ids, mask in ((r["prompt"], r["pmask"]), _right_padded(r["prompt"], r["pmask"])):
+    out = sampling.generate(r["module"], r["params"], ids, mask, jax.random.key(3), chunked_cfg)
+    np.testing.assert_array_equal(np.asarray(out.tokens), r["free"].tokens)
+    np.testing.assert_allclose(np.asarray(out.logprobs), r["free"].logprobs, atol=1e-5, rtol=0)
 
 
 def test_greedy_equals_argmax_decoding_and_ignores_padding():
   """Greedy tokens = step-by-step argmax of uncached forward passes; a prompt's padding (and
   the ids under it) changes nothing; with EOS = a token every row reaches, all rows stop and
   the loop's early exit leaves PAD behind. GPT-2 flavour: learned positions, tied head."""
-  module, params = _policy("gpt2", 32, 64, 2, 4, 3.0, seed=1)
+  module, params = _policy("gpt2", 32, 64, 1, 4, 3.0, seed=1)
   x = np.array([7, 3, 9, 21, 5], np.int32)
   prompt = np.array([[0, 0, 0, *x], [30, 11, 2, *x], [4, 8, 15, 16, 23, 4, 2, 6]], np.int32)
   pmask = np.array([[0, 0, 0, 1, 1, 1, 1, 1]] * 2 + [[1] * 8], np.int32)
