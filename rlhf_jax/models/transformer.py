@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from rlhf_jax.models import layout as layout_lib
 from rlhf_jax.models.config import ModelConfig
 
-ROLES = ("policy", "reference", "value", "reward")
+ROLES = ("policy", "reference", "value", "reward", "policy_value")
 
 _normal = nn.initializers.normal
 
@@ -195,6 +195,8 @@ class Transformer(nn.Module):
   role "value": per-token values [B, T] (float32; head zero-initialised).
   role "reward": scalar per sequence [B], read at the last real token; with `segment_ids` and
     `max_segments` (packed rows), [B, max_segments] read at each segment's last token.
+  role "policy_value": (logits, values) from one backbone (PPO with a value head on the
+    policy); its params also serve a "policy" module (the value head is simply unused).
   With `cache`, returns (output, updated cache). `positions` and `parent_segment_ids` give
   explicit position ids and prefix sharing (see layout.full_layout).
   """
@@ -206,11 +208,11 @@ class Transformer(nn.Module):
       raise ValueError(f"unknown model role {self.role!r}; expected one of {ROLES}")
     cfg = self.cfg
     self.backbone = Decoder(cfg)
-    if self.role in ("policy", "reference") and not cfg.tie_embeddings:
+    if self.role in ("policy", "reference", "policy_value") and not cfg.tie_embeddings:
       self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
                               param_dtype=jnp.float32,
                               kernel_init=_kernel(_normal(0.02), ("embed", "vocab")))
-    elif self.role == "value":
+    if self.role in ("value", "policy_value"):
       self.value_head = nn.Dense(1, dtype=jnp.float32, param_dtype=jnp.float32,
                                  kernel_init=_kernel(nn.initializers.zeros, ("embed", None)),
                                  bias_init=_kernel(nn.initializers.zeros, (None,)))
@@ -226,9 +228,11 @@ class Transformer(nn.Module):
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     hidden, new_cache = self.backbone(input_ids, attention_mask, segment_ids, cache, positions,
                                       parent_segment_ids)
-    if self.role in ("policy", "reference"):
+    if self.role in ("policy", "reference", "policy_value"):
       out = self.backbone.attend(hidden) if self.cfg.tie_embeddings else self.lm_head(hidden)
       out = nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "act_vocab"))
+      if self.role == "policy_value":
+        out = (out, self.value_head(hidden.astype(jnp.float32))[..., 0])
     elif self.role == "value":
       out = self.value_head(hidden.astype(jnp.float32))[..., 0]
     else:
