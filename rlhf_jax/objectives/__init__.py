@@ -4,3 +4,11 @@ from rlhf_jax.objectives.sft import next_token_nll
 from rlhf_jax.objectives.kto import kto_loss
 from rlhf_jax.objectives.preference import (PREFERENCE_LOSSES, PreferenceLogps, preference_loss,
                                             preference_metrics)
+from rlhf_jax.objectives.ppo import (KL_CONTROLLERS, KL_ESTIMATORS, LOSS_AGGREGATIONS,
+                                     aggregate_loss, entropy_bonus, entropy_from_logits,
+                                     explained_variance, fixed_kl_coef, gae, kl_penalty,
+                                     masked_mean, masked_var, masked_whiten,
+                                     multiplicative_kl_coef, next_kl_coef, policy_loss,
+                                     shape_rewards, update_kl_coef, value_loss)
+from rlhf_jax.objectives.grpo import (group_advantages, mask_truncated, rloo_advantages,
+                                      truncation_mask)
