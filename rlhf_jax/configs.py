@@ -123,3 +123,44 @@ def review_world_base(*, size: str = "tiny", runlocal: bool = False) -> ml_colle
     c.task.n_pairs, c.task.n_eval_pairs = 2_000, 200
     c.run.checkpoint_every = 40
   return c
+
+
+def add_review_world_stages(c: ml_collections.ConfigDict, *, runlocal: bool = False
+                            ) -> ml_collections.ConfigDict:
+  """The stage sections of the review-world pipeline, tuned to its scale: sft, sampling (k
+  policy samples per prompt, gold-labelled into pairs), reward, dpo, ppo and eval (held-out
+  prompts for gold reward and KL). Experiments override what they study."""
+  # Imported here: the stage modules import this one.
+  from rlhf_jax.train.optim import default_optim_config
+  from rlhf_jax.train.ppo import default_ppo_config
+  from rlhf_jax.train.preference import default_dpo_config
+
+  c.sft = ml_collections.ConfigDict(dict(
+      steps=300, rows=8, length=128, max_sequences=32, eval_every=100, eval_batch_size=64,
+      optim=default_optim_config()))
+  c.sft.optim.lr, c.sft.optim.warmup_steps = 3e-3, 20
+  c.sampling = ml_collections.ConfigDict(dict(
+      train_prompts=256, eval_prompts=128, k=4, max_new_tokens=48, temperature=1.0,
+      batch_size=256, label_temperature=0.0))
+  c.reward = ml_collections.ConfigDict(dict(
+      steps=150, batch_size=32, ensemble_size=1, use_margin=False, center_coef=0.0,
+      eval_every=50, eval_batch_size=256, optim=default_optim_config()))
+  c.reward.optim.lr = 1e-3
+  c.dpo = default_dpo_config()
+  c.dpo.optim.lr, c.dpo.optim.warmup_steps = 1e-4, 10
+  c.dpo.steps, c.dpo.batch_size, c.dpo.eval_every = 150, 32, 50
+  c.ppo = default_ppo_config()
+  c.ppo.update(dict(iterations=30, train_prompts=4096, prompts_per_iter=64, minibatch_size=32,
+                    epochs=2, max_new_tokens=48, kl_coef=0.05, kl_target=3.0, kl_horizon=1000,
+                    eval_every=10))
+  c.ppo.optim.lr = 3e-5
+  c.eval = ml_collections.ConfigDict(dict(prompts=128, k=4))
+  if runlocal:
+    c.sft.steps, c.sft.eval_every = 80, 40
+    c.sampling.train_prompts, c.sampling.eval_prompts, c.sampling.batch_size = 64, 32, 128
+    c.reward.steps, c.reward.eval_every = 60, 30
+    c.dpo.steps, c.dpo.eval_every, c.dpo.batch_size = 40, 20, 16
+    c.ppo.iterations, c.ppo.prompts_per_iter, c.ppo.minibatch_size = 6, 32, 16
+    c.ppo.eval_every = 3
+    c.eval.prompts, c.eval.k = 32, 2
+  return c

@@ -20,9 +20,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def stages():
   """Stage name -> run(config, workdir). Imported lazily: a stage pulls in only what it needs."""
-  from rlhf_jax.train import preference, quickstart, reward, sft
+  from rlhf_jax.train import ppo, preference, quickstart, reward, sft
   return {"sft": sft.run_sft, "reward": reward.run_reward, "dpo": preference.run_pipeline,
-          "quickstart": quickstart.run}
+          "ppo": ppo.run_pipeline, "quickstart": quickstart.run}
 
 
 def maybe_initialize_distributed(config) -> None:

@@ -11,11 +11,7 @@ DPO paper's IMDb set-up labels samples with a sentiment classifier). simpo and o
 reference-free; the others use a frozen copy of the SFT policy (`reference=precomputed`
 scores it once instead). Cost: about 2 minutes on a 2-core CPU; runlocal under 1 minute.
 """
-import ml_collections
-
 from rlhf_jax import configs
-from rlhf_jax.train.optim import default_optim_config
-from rlhf_jax.train.preference import default_dpo_config
 
 # Per-loss defaults from each paper's recommended range, scaled to this small world.
 BETA = {"sigmoid": 0.1, "robust": 0.1, "hinge": 0.1, "ipo": 0.1, "sppo_hard": 0.1,
@@ -28,20 +24,13 @@ def get_config(arg=None):
                           shared_prefix=False)
   c = configs.review_world_base(size=arg.size, runlocal=arg.runlocal)
   c.stage = "dpo"
-  c.sft = ml_collections.ConfigDict(dict(
-      steps=300, rows=8, length=128, max_sequences=32, eval_every=100, eval_batch_size=64,
-      optim=default_optim_config()))
-  c.sft.optim.lr = 3e-3
-  c.sft.optim.warmup_steps = 20
-  c.dpo = default_dpo_config()
+  configs.add_review_world_stages(c, runlocal=arg.runlocal)
   c.dpo.loss = arg.loss
   c.dpo.beta = BETA.get(arg.loss, 0.1)
   c.dpo.reference = arg.reference or ("none" if arg.loss in ("simpo", "orpo") else "model")
   c.dpo.shared_prefix = arg.shared_prefix
-  c.dpo.optim.lr = 1e-4 if arg.loss not in ("simpo", "orpo") else 3e-4
-  c.dpo.optim.warmup_steps = 10
-  c.dpo.steps, c.dpo.batch_size, c.dpo.eval_every = 300, 32, 100
-  if arg.runlocal:
-    c.sft.steps, c.sft.eval_every = 80, 40
-    c.dpo.steps, c.dpo.eval_every, c.dpo.batch_size = 60, 30, 16
+  if arg.loss in ("simpo", "orpo"):
+    c.dpo.optim.lr = 3e-4
+  if not arg.runlocal:
+    c.dpo.steps, c.dpo.eval_every = 300, 100
   return configs.lock(c)

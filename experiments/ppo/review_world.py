@@ -1,0 +1,45 @@
+"""Online RL on the embedded review world: PPO, GRPO or RLOO against a learned reward model or
+the gold reward.
+
+  python -m rlhf_jax.main --config=experiments/ppo/review_world.py:algo=ppo --workdir=DIR
+  python -m rlhf_jax.main --config=experiments/ppo/review_world.py:algo=grpo,runlocal --workdir=DIR
+  python -m rlhf_jax.main --config=experiments/ppo/review_world.py:algo=ppo,reward=gold --workdir=DIR
+
+Pipeline: SFT -> (reward=model: a reward model on gold-labelled pairs of the SFT policy's own
+samples) -> the algorithm -> gold reward and KL(π‖π_SFT) on held-out prompts (results.json).
+PPO: value network from the reward model's backbone, KL (k1) in the reward, adaptive KL
+controller (Ziegler et al. 2019). GRPO (Shao et al. 2024): 4 samples per prompt,
+group-normalised advantages, k3 KL in the loss. RLOO (Ahmadian et al. 2024): 4 samples,
+leave-one-out baseline, sequence KL in the reward. Matched samples per iteration (64 rollouts).
+`preset=seed` switches to the seed's PPO hyperparameters (lr 1.41e-5, batch 256, minibatch 64,
+4 epochs, clip 0.2, value clip 0.2, vf_coef 0.1, KL 0.2 adaptive to target 6, 256 new tokens),
+meant for a pod.
+"""
+from rlhf_jax import configs
+from rlhf_jax.train.ppo import default_ppo_config
+
+
+def get_config(arg=None):
+  arg = configs.parse_arg(arg, algo="ppo", reward="model", runlocal=False, size="tiny",
+                          preset="", value="separate")
+  c = configs.review_world_base(size=arg.size, runlocal=arg.runlocal)
+  c.stage = "ppo"
+  configs.add_review_world_stages(c, runlocal=arg.runlocal)
+  if arg.preset == "seed":
+    keep = {k: c.ppo[k] for k in ("eval_every",)}
+    c.ppo = default_ppo_config()
+    c.ppo.update(keep)
+  elif arg.preset:
+    raise ValueError(f"preset={arg.preset!r}; expected 'seed' or nothing")
+  c.ppo.algorithm = arg.algo
+  c.ppo.reward_source = arg.reward
+  c.ppo.value = arg.value
+  if arg.algo in ("grpo", "rloo"):
+    # Same number of samples per iteration as PPO: prompts_per_iter x group_size.
+    c.ppo.group_size = 4
+    c.ppo.prompts_per_iter //= 4
+    c.ppo.epochs = 1
+  if arg.algo == "grpo":
+    c.ppo.kl_in_reward, c.ppo.kl_estimator, c.ppo.kl_controller = False, "k3", "fixed"
+    c.ppo.loss_aggregation = "grpo"
+  return configs.lock(c)

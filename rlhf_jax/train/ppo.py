@@ -1,0 +1,381 @@
+"""Online RL stage: PPO (Ziegler et al. 2019; Ouyang et al. 2022), GRPO and RLOO.
+
+One iteration = rollout -> score -> reference log-probs and values -> advantages ->
+`epochs` x minibatch updates -> KL-coefficient update. Implementation details follow "The N+
+implementation details of RLHF with PPO" (Huang et al. 2024): the score is read at EOS, a
+missing EOS is penalised, the per-token KL to the reference is in the reward (PPO) or in the
+loss (GRPO), GAE over response tokens only, whitened advantages, clipped policy and value
+losses, log-probs recomputed at the sampling temperature.
+
+The trainable params are one tree {"policy": ..., "value": ...} ("value" absent when the
+value is a head on the policy backbone, config.ppo.value = "head") under one optimiser; the
+reference policy and the reward model are frozen and passed to the jitted functions as
+arguments, never stored in the checkpoint (they are rebuilt from their own stages on resume).
+"""
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from rlhf_jax import data, models, objectives, parallel, sampling
+from rlhf_jax import eval as eval_lib
+from rlhf_jax.train import loop as loop_lib
+from rlhf_jax.train import optim, state as state_lib, step as step_lib, task as task_lib
+from rlhf_jax.train.reward import ensemble_rewards
+from rlhf_jax.train.sft import loop_config, make_eval_fn as sft_eval_fn
+
+ALGORITHMS = ("ppo", "grpo", "rloo")
+
+
+# ---------------------------------------------------------------------------------------------
+# Jitted pieces
+# ---------------------------------------------------------------------------------------------
+
+def _response_values(values: jax.Array, prompt_len: int, new_tokens: int) -> jax.Array:
+  """Values of the states before each response token: column P-1+j for response token j."""
+  return values[:, prompt_len - 1:prompt_len - 1 + new_tokens]
+
+
+def score_rollout(policy_value_module, value_module, reward_module, *, params, ref_params,
+                  rm_params, prompt_ids, prompt_mask, samples, cfg):
+  """Reference log-probs, values and reward-model scores of one rollout (one jitted call).
+
+  Returns a dict of [B, N] float32 (ref_logp, values) and [B] (rm_score: ensemble mean −
+  cfg.ensemble_std_coef · std; zeros when the reward comes from elsewhere).
+  """
+  ids, mask = sampling.sequences(prompt_ids, prompt_mask, samples)
+  p, n = prompt_ids.shape[1], samples.tokens.shape[1]
+  policy = models.build_model(policy_value_module.cfg, "policy")
+  ref_logp = sampling.response_logprobs(policy, ref_params, prompt_ids, prompt_mask, samples,
+                                        cfg.temperature)
+  if value_module is None:  # Value head on the policy backbone.
+    _, values = policy_value_module.apply({"params": params["policy"]}, ids, mask)
+  else:
+    values = value_module.apply({"params": params["value"]}, ids, mask)
+  values = _response_values(values, p, n) * samples.response_mask
+  if rm_params is not None:
+    r = ensemble_rewards(reward_module, rm_params, ids, mask)  # [k, B]
+    rm_score = jnp.mean(r, 0) - cfg.ensemble_std_coef * jnp.std(r, 0)
+  else:
+    rm_score = jnp.zeros(ids.shape[:1], jnp.float32)
+  return {"ref_logp": ref_logp, "values": values, "rm_score": rm_score}
+
+
+def compute_advantages(batch, kl_coef, cfg):
+  """Token-level advantages and returns [B, N] and the per-token KL, for cfg.algorithm."""
+  mask = batch["response_mask"].astype(jnp.float32)
+  kl = jnp.where(mask > 0, objectives.kl_penalty(batch["old_logp"], batch["ref_logp"],
+                                                 cfg.kl_estimator), 0.0)
+  score = batch["score"]
+  if cfg.algorithm == "ppo":
+    if cfg.kl_in_reward:
+      rewards, _ = objectives.shape_rewards(score, batch["old_logp"], batch["ref_logp"], mask,
+                                            kl_coef=kl_coef, kind=cfg.kl_estimator)
+    else:
+      rewards, _ = objectives.shape_rewards(score, batch["old_logp"], batch["ref_logp"], mask,
+                                            kl_coef=0.0, kind=cfg.kl_estimator)
+    if cfg.whiten_rewards:
+      rewards = objectives.masked_whiten(rewards, mask, shift_mean=False)
+    adv, returns = objectives.gae(rewards, batch["values"], mask, gamma=cfg.gamma, lam=cfg.lam)
+    adv = objectives.masked_whiten(adv, mask)  # 0 off the mask.
+  else:
+    if cfg.algorithm == "rloo" and cfg.kl_in_reward:  # Sequence-level KL in the reward.
+      score = score - kl_coef * jnp.sum(kl, axis=1)
+    seq_adv = (objectives.rloo_advantages(score, cfg.group_size) if cfg.algorithm == "rloo"
+               else objectives.group_advantages(score, cfg.group_size,
+                                                normalize_std=cfg.grpo_std_normalize))
+    adv = seq_adv[:, None] * mask
+    returns = jnp.zeros_like(adv)
+  return adv, returns, kl
+
+
+def ppo_loss_fn(policy_value_module, value_module, cfg, prompt_len: int):
+  """loss_fn for step.make_train_step over one minibatch; count = 1 (the loss is a mean)."""
+  policy = models.build_model(policy_value_module.cfg, "policy")
+
+  def loss_fn(params, batch, rng, kl_coef):
+    del rng
+    ids = jnp.concatenate([batch["prompt_ids"], batch["tokens"]], 1)
+    mask = jnp.concatenate([batch["prompt_mask"], batch["response_mask"]], 1)
+    n = batch["tokens"].shape[1]
+    if value_module is None:
+      logits, values = policy_value_module.apply({"params": params["policy"]}, ids, mask)
+    else:
+      logits = policy.apply({"params": params["policy"]}, ids, mask)
+      values = value_module.apply({"params": params["value"]}, ids, mask)
+    logp, entropy = models.logprobs_and_entropy(logits[:, prompt_len - 1:-1], batch["tokens"],
+                                                cfg.temperature)
+    rmask = batch["response_mask"].astype(jnp.float32) * batch["loss_weight"][:, None]
+    pg_loss, pg_metrics = objectives.policy_loss(
+        logp, batch["old_logp"], batch["advantages"], rmask, clip_eps=cfg.clip_eps,
+        clip_eps_high=cfg.clip_eps_high, aggregation=cfg.loss_aggregation,
+        **({"max_len": n} if cfg.loss_aggregation in ("dr_grpo", "seq_mean_token_sum_norm")
+           else {}))
+    loss = pg_loss - cfg.ent_coef * objectives.masked_mean(entropy, rmask)
+    metrics = {"policy_loss": pg_loss, "entropy": objectives.masked_mean(entropy, rmask),
+               **{f"policy/{k}": v for k, v in pg_metrics.items()}}
+    if cfg.algorithm == "ppo":
+      v = _response_values(values, prompt_len, n)
+      v_loss, v_metrics = objectives.value_loss(v, batch["values"], batch["returns"], rmask,
+                                                clip_eps=cfg.vf_clip)
+      loss = loss + cfg.vf_coef * v_loss
+      metrics.update(value_loss=v_loss, **{f"value/{k}": x for k, x in v_metrics.items()})
+    if not cfg.kl_in_reward:  # GRPO-style: KL to the reference in the loss.
+      kl = objectives.masked_mean(objectives.kl_penalty(logp, batch["ref_logp"], "k3"), rmask)
+      loss = loss + kl_coef * kl
+      metrics["kl_loss"] = kl
+    return loss, (jnp.ones((), jnp.float32), metrics)
+  return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+class PPOTrainer:
+  """Holds the frozen models and jitted functions; `iteration(state, prompts)` is the loop's
+  step function (rollout, scoring and updates of one batch of prompts)."""
+
+  def __init__(self, config, task, mesh, *, policy_module, value_module, ref_params,
+               reward_module=None, rm_params=None):
+    self.config, self.cfg, self.task, self.mesh = config, config.ppo, task, mesh
+    self.rules = config.sharding
+    self.policy_value_module = policy_module
+    self.policy = models.build_model(policy_module.cfg, "policy")
+    self.value_module = value_module
+    self.ref_params, self.reward_module, self.rm_params = ref_params, reward_module, rm_params
+    tok = task.tokenize_config
+    self.prompt_len = tok.max_prompt_len
+    self.sampling_cfg = sampling.SamplingConfig(
+        max_new_tokens=self.cfg.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
+        temperature=self.cfg.temperature)
+    self._score = jax.jit(lambda params, ref, rm, pi, pm, s: score_rollout(
+        policy_module, value_module, reward_module, params=params, ref_params=ref,
+        rm_params=rm, prompt_ids=pi, prompt_mask=pm, samples=s, cfg=self.cfg))
+    self._advantages = jax.jit(lambda batch, kl_coef: compute_advantages(batch, kl_coef,
+                                                                         self.cfg))
+    self.tx, _ = optim.make_optimizer(self.cfg.optim, self.cfg.iterations * self.updates_per_iter)
+    self._update = None
+
+  @property
+  def updates_per_iter(self) -> int:
+    rows = self.cfg.prompts_per_iter * self.cfg.group_size
+    return self.cfg.epochs * (rows // self.cfg.minibatch_size)
+
+  def init_state(self, params, key) -> state_lib.State:
+    state = state_lib.state_from_params(params, self.tx, key, self.mesh, self.rules)
+    state["kl_coef"] = jax.device_put(jnp.asarray(self.cfg.kl_coef, jnp.float32),
+                                      state["step"].sharding)
+    self._update = state_lib.jit_step(step_lib.make_train_step(
+        ppo_loss_fn(self.policy_value_module, self.value_module, self.cfg, self.prompt_len),
+        self.tx, state_extra=("kl_coef",)), state)
+    return state
+
+  def gold_scores(self, prompt_ids, samples) -> np.ndarray | None:
+    world = self.task.world
+    if world is None:
+      return None
+    prompts = [row[mask > 0] for row, mask in zip(*map(np.asarray, prompt_ids))]
+    return world.score_ids(prompts, list(np.asarray(samples.tokens))).reward
+
+  def iteration(self, state, prompts):
+    cfg = self.cfg
+    ids, mask = parallel.shard_batch((prompts["ids"], prompts["mask"]), self.mesh)
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    sample_key, shuffle_key = jax.random.split(key)
+    # ROLLOUT
+    samples = sampling.generate(self.policy, state["params"]["policy"], ids, mask, sample_key,
+                                self.sampling_cfg)
+    # SCORE: reward model (or gold), reference log-probs, values
+    scored = self._score(state["params"], self.ref_params, self.rm_params, ids, mask, samples)
+    gold = self.gold_scores((prompts["ids"], prompts["mask"]), samples)
+    if cfg.reward_source == "gold":
+      score = jnp.asarray(gold, jnp.float32)
+    else:
+      score = scored["rm_score"]
+    lengths = samples.lengths.astype(jnp.float32)
+    score = score - cfg.length_penalty * lengths
+    score = jnp.where(samples.finished, score, score - cfg.missing_eos_penalty)
+    if cfg.reward_clip > 0:
+      score = jnp.clip(score, -cfg.reward_clip, cfg.reward_clip)
+    batch = {"prompt_ids": ids, "prompt_mask": mask, "tokens": samples.tokens,
+             "response_mask": samples.response_mask, "old_logp": samples.logprobs,
+             "ref_logp": scored["ref_logp"], "values": scored["values"], "score": score,
+             "loss_weight": (samples.finished.astype(jnp.float32) if cfg.mask_truncated
+                             else jnp.ones_like(score))}
+    # ADVANTAGES
+    adv, returns, kl = self._advantages(batch, state["kl_coef"])
+    batch.update(advantages=adv, returns=returns)
+    # UPDATE: epochs x minibatches
+    rows = ids.shape[0]
+    metrics = []
+    for epoch in range(cfg.epochs):
+      order = np.asarray(jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), rows))
+      for start in range(0, rows - cfg.minibatch_size + 1, cfg.minibatch_size):
+        idx = np.sort(order[start:start + cfg.minibatch_size])
+        minibatch = parallel.shard_batch(jax.tree.map(lambda x: np.asarray(x)[idx], batch),
+                                         self.mesh)
+        state, m = self._update(state, minibatch)
+        metrics.append(m)
+    # KL CONTROLLER (observed: mean summed per-sequence KL of the rollout)
+    seq_kl = float(jnp.mean(jnp.sum(kl, axis=1)))
+    new_coef = float(objectives.next_kl_coef(cfg.kl_controller, state["kl_coef"], seq_kl, rows,
+                                             target=cfg.kl_target, horizon=cfg.kl_horizon))
+    state["kl_coef"] = jax.device_put(jnp.asarray(new_coef, jnp.float32),
+                                      state["kl_coef"].sharding)
+    out = {k: float(np.mean([float(m[k]) for m in metrics])) for k in metrics[0]}
+    tokens = np.asarray(samples.tokens)
+    lens = np.asarray(samples.lengths)
+    out.update({
+        "skipped": float(max(float(m["skipped"]) for m in metrics)),
+        "score": float(jnp.mean(score)), "rm_score": float(jnp.mean(scored["rm_score"])),
+        "kl": seq_kl, "kl_coef": new_coef, "response_length": float(lens.mean()),
+        "no_eos_fraction": float(1 - np.asarray(samples.finished).mean()),
+        "value/explained_variance": float(objectives.explained_variance(
+            scored["values"], returns, samples.response_mask)) if cfg.algorithm == "ppo" else 0.0,
+        "distinct_1": eval_lib.distinct_n([t[:n] for t, n in zip(tokens, lens)], 1),
+        "distinct_2": eval_lib.distinct_n([t[:n] for t, n in zip(tokens, lens)], 2)})
+    if gold is not None:
+      out["gold_reward"] = float(np.mean(gold))
+    return state, out
+
+
+def prompt_iterator(task, config, position: int):
+  """Batches of left-padded prompts, each repeated group_size times (group-major)."""
+  cfg, tok = config.ppo, task.tokenize_config
+  prompts = [task.world.encode(p) for p in task.world.sample_prompts(cfg.train_prompts,
+                                                                      seed=20)]
+
+  def collate(batch):
+    rows = [p for p in batch for _ in range(cfg.group_size)]
+    ids, mask = eval_lib.left_pad(rows, tok.max_prompt_len, tok.pad_id)
+    return {"ids": ids, "mask": mask}
+
+  return data.DataIterator(prompts, data.PaddedBatcher(cfg.prompts_per_iter, collate),
+                           seed=config.seed, position=position)
+
+
+def run_ppo(config: ml_collections.ConfigDict, workdir: str, *, task, policy, rm=None,
+            sft_eval_examples=None):
+  """PPO/GRPO/RLOO from `policy` = (module, params) (the SFT policy, also the reference).
+
+  rm = (reward module, stacked ensemble params) for config.ppo.reward_source = "model"; the
+  separate value network starts from the reward model's backbone (or the policy's when there
+  is none). Returns (policy module, policy params, results of the held-out evaluation).
+  """
+  cfg = config.ppo
+  if cfg.algorithm not in ALGORITHMS:
+    raise ValueError(f"config.ppo.algorithm={cfg.algorithm!r}; expected one of {ALGORITHMS}")
+  if cfg.reward_source == "model" and rm is None:
+    raise ValueError("config.ppo.reward_source='model' needs a reward model")
+  if cfg.algorithm != "ppo" and cfg.group_size < 2:
+    raise ValueError(f"config.ppo.group_size={cfg.group_size}: {cfg.algorithm} needs >= 2")
+  mesh = parallel.make_mesh(config.mesh.to_dict())
+  rules = config.sharding
+  module, sft_params = policy
+  ref_params = sft_params
+  sample = jnp.ones((1, 8), jnp.int32)
+  key = jax.random.key(config.seed + 5)
+  if cfg.value == "head":
+    policy_module = models.build_model(module.cfg, "policy_value")
+    fresh = parallel.init_params(policy_module, key, sample, mesh=mesh, rules=rules)
+    # The SFT policy plus a fresh (zero) value head on its backbone.
+    params = {"policy": {**jax.tree.map(jnp.copy, sft_params), "value_head": fresh["value_head"]}}
+    value_module = None
+  else:
+    policy_module = module
+    value_module = models.build_model(module.cfg, "value")
+    fresh = parallel.init_params(value_module, key, sample, mesh=mesh, rules=rules)
+    source = (jax.tree.map(lambda x: x[0], rm[1]) if rm is not None else sft_params)
+    params = {"policy": jax.tree.map(jnp.copy, sft_params),
+              "value": jax.tree.map(jnp.copy, models.transfer_backbone(source, fresh))}
+  trainer = PPOTrainer(config, task, mesh, policy_module=policy_module,
+                       value_module=value_module, ref_params=ref_params,
+                       reward_module=rm[0] if rm is not None else None,
+                       rm_params=rm[1] if rm is not None and cfg.reward_source == "model"
+                       else None)
+  state = trainer.init_state(params, jax.random.key(config.seed + 6))
+  ppl_fn = (sft_eval_fn(trainer.policy, sft_eval_examples, task.tokenize_config, mesh, 64)
+            if sft_eval_examples else None)
+
+  def eval_fn(params):  # The seed's "perplexity degradation" on held-out SFT data.
+    heldout = ppl_fn(params["policy"])
+    return {"sft_heldout_loss": heldout["eval_loss"],
+            "sft_heldout_perplexity": heldout["eval_perplexity"]}
+
+  with parallel.mesh_context(mesh, rules):
+    state = loop_lib.train_loop(
+        workdir=workdir, state=state, step_fn=trainer.iteration,
+        make_iterator=lambda pos: prompt_iterator(task, config, pos), to_device=lambda b: b,
+        loop=loop_lib.LoopConfig(total_steps=cfg.iterations, log_every=1,
+                                 eval_every=cfg.eval_every,
+                                 checkpoint_every=config.run.checkpoint_every,
+                                 keep_checkpoints=config.run.keep_checkpoints,
+                                 max_nonfinite=config.run.max_nonfinite),
+        extra={"config": config.to_dict()}, eval_fn=eval_fn if ppl_fn else None,
+        desc=cfg.algorithm)
+  return trainer.policy, state["params"]["policy"], {}
+
+
+def default_ppo_config() -> ml_collections.ConfigDict:
+  """The seed's PPO hyperparameters (lr 1.41e-5, batch 256, minibatch 64, 4 epochs, clip 0.2,
+  value clip 0.2, vf_coef 0.1, initial KL coefficient 0.2, adaptive KL with target 6, up to 256
+  new tokens, temperature 1.0)."""
+  c = ml_collections.ConfigDict(dict(
+      algorithm="ppo", iterations=100, train_prompts=10_000, prompts_per_iter=256, group_size=1,
+      minibatch_size=64, epochs=4, max_new_tokens=256, temperature=1.0, clip_eps=0.2,
+      clip_eps_high=ml_collections.config_dict.placeholder(float), vf_clip=0.2, vf_coef=0.1,
+      ent_coef=0.0, gamma=1.0, lam=0.95, kl_coef=0.2, kl_estimator="k1", kl_in_reward=True,
+      kl_controller="adaptive", kl_target=6.0, kl_horizon=10_000, whiten_rewards=False,
+      loss_aggregation="token_mean", grpo_std_normalize=True, mask_truncated=False,
+      reward_source="model", ensemble_std_coef=0.0, reward_clip=0.0, missing_eos_penalty=1.0,
+      length_penalty=0.0, value="separate", eval_every=10,
+      optim=optim.default_optim_config()))
+  c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 1.41e-5, 0, "constant"
+  c.optim.weight_decay, c.optim.b2 = 0.0, 0.999
+  return c
+
+
+def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Stage "ppo" on the review world: SFT (workdir/sft); with reward_source="model", a reward
+  model on gold-labelled pairs of the SFT policy's samples (workdir/reward); then the online
+  algorithm (workdir/<algorithm>); finally gold reward and KL(π‖π_SFT) of both policies on
+  held-out prompts, written to workdir/results.json."""
+  import json
+  from rlhf_jax.train import reward as reward_lib
+  from rlhf_jax.train import sft as sft_lib
+  from rlhf_jax.train.labels import label_policy_samples
+  module, sft_params, task, mesh, _ = sft_lib.run_sft(config, os.path.join(workdir, "sft"))
+  rm = None
+  if config.ppo.reward_source == "model":
+    pairs = [label_policy_samples(module, sft_params, task, config, mesh, n_prompts=n,
+                                  seed=seed)
+             for n, seed in ((config.sampling.train_prompts, 10),
+                             (config.sampling.eval_prompts, 11))]
+    rm_module, rm_params, _ = reward_lib.run_reward(
+        config, os.path.join(workdir, "reward"), task=task, backbone=sft_params,
+        train_pairs=pairs[0], eval_pairs=pairs[1])
+    rm = (rm_module, rm_params)
+  _, params, _ = run_ppo(config, os.path.join(workdir, config.ppo.algorithm), task=task,
+                         policy=(module, sft_params), rm=rm,
+                         sft_eval_examples=task_lib.sft_examples(task, config.task, "eval"))
+  results = evaluate_against_sft(config, task, mesh, module, sft_params, params)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
+  logging.info("%s results: %s", config.ppo.algorithm, results)
+  return results
+
+
+def evaluate_against_sft(config, task, mesh, module, sft_params, params) -> dict:
+  """Gold reward (mean ± s.e.) of the SFT policy and of `params`, and KL(π‖π_SFT), on the same
+  held-out prompts and sampling keys."""
+  prompts = task.world.sample_prompts(config.eval.prompts, seed=12)
+  measure = lambda p, ref: eval_lib.evaluate_policy(
+      module, p, prompts, world=task.world, cfg=config.sampling, tok=task.tokenize_config,
+      mesh=mesh, rules=config.sharding, key=jax.random.key(config.seed + 4), ref_params=ref,
+      k=config.eval.k)
+  return {"sft": measure(sft_params, None), config.ppo.algorithm: measure(params, sft_params)}
