@@ -16,10 +16,11 @@ process, with its own KV cache. "new tokens/s" counts batch x new tokens over th
 (prefill included). Our cost is also measured at several response lengths to show it grows
 linearly (the per-step cost is the slope of a least-squares line through those points).
 
-Prints one JSON line.
+Needs torch and transformers (requirements-test.txt) unless --no-hf. Prints one JSON line.
 """
 import argparse
 import json
+import os
 import tempfile
 import time
 
@@ -98,6 +99,7 @@ def main():
                       help="alternating ours / transformers timed calls (medians reported)")
   parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
   args = parser.parse_args()
+  load_start = round(os.getloadavg()[0], 2)
 
   cfg = models.get_config(args.model)
   module = models.build_model(cfg)
@@ -138,6 +140,10 @@ def main():
     with torch.inference_mode():
       theirs = model(torch.from_numpy(prompt.astype(np.int64))).logits.numpy()
     mine = np.asarray(module.apply({"params": params}, prompt, mask))
+    logits_diff = float(np.max(np.abs(theirs - mine)))
+    if logits_diff > 1e-3:
+      raise RuntimeError(f"transformers' logits differ from ours by {logits_diff}: not the same "
+                         "model, so no comparison")
     hf_run = hf_generate(model, prompt, args.new_tokens, cfg)
     # Head to head: alternate the two so that load from other processes hits both alike.
     mine_s, hf_s = [], []
@@ -152,9 +158,11 @@ def main():
         "speedup_vs_hf": round(med_hf / med_mine, 2),
         "speedup_vs_hf_best_of_rounds": round(min(hf_s) / min(mine_s), 2),
         "rounds": args.rounds, "target_speedup": 3.0,
-        "hf_logits_max_abs_diff": float(np.max(np.abs(theirs - mine))),
+        "hf_logits_max_abs_diff": logits_diff,
         "torch_threads": torch.get_num_threads(),
     })
+  # Other processes on a shared machine are the main source of noise: say how busy it was.
+  result["load_avg_1m_start_end"] = [load_start, round(os.getloadavg()[0], 2)]
   print(json.dumps({**result, **common.device_info()}))
 
 
