@@ -7,19 +7,24 @@ from conftest import run_python
 def test_quickstart_runlocal_end_to_end(tmp_path):
   out = run_python(["-m", "rlhf_jax.main", "--config=experiments/quickstart.py:runlocal",
                     f"--workdir={tmp_path}", "--config.sft.steps=40", "--config.reward.steps=20",
+                    "--config.dpo.steps=10", "--config.ppo.iterations=2",
                     "--config.sampling.train_prompts=32", "--config.sampling.eval_prompts=16",
-                    "--config.task.n_sft=1000"])
+                    "--config.eval.prompts=16", "--config.task.n_sft=1000"])
   results = json.loads((tmp_path / "quickstart_results.json").read_text())
   assert "| RM | held-out accuracy vs gold labels" in out
+  assert "| PPO | KL(π‖π_SFT)" in out and "| DPO | KL(π‖π_SFT)" in out
   assert (tmp_path / "quickstart_results.md").read_text().startswith("| stage |")
   assert json.loads((tmp_path / "config.json").read_text())["stage"] == "quickstart"
   # 40 SFT steps already beat a uniform guess over the 274-word vocabulary by far.
-  assert results["sft_eval_perplexity"] < 60
-  assert 0.0 <= results["rm_heldout_accuracy_vs_gold"] <= 1.0
-  assert results["rm_eval_pairs"] > 0 and results["rm_train_pairs"] > 0
-  for stage in ("sft", "reward"):
+  assert results["sft"]["eval_perplexity"] < 60
+  assert 0.0 <= results["reward_model"]["eval_accuracy"] <= 1.0
+  assert results["reward_model"]["eval_pairs"] > 0 and results["reward_model"]["train_pairs"] > 0
+  assert results["sft"]["samples"] == 32  # 16 prompts x k = 2.
+  for policy in ("dpo", "ppo"):
+    assert results[policy]["kl"] >= -0.5 and results[policy]["samples"] == 32
+  for stage, steps in (("sft", 40), ("reward", 20), ("dpo", 10), ("ppo", 2)):
     lines = (tmp_path / stage / "metrics.jsonl").read_text().splitlines()
-    assert json.loads(lines[-1])["step"] == {"sft": 40, "reward": 20}[stage]
+    assert json.loads(lines[-1])["step"] == steps
 
 
 def test_foundation_smoke_run(tmp_path):

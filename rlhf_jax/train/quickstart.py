@@ -1,5 +1,6 @@
 """The quickstart pipeline on the embedded review world:
-SFT -> k samples per prompt -> gold-labelled pairs -> reward model, and DPO on the same pairs.
+SFT -> k samples per prompt -> gold-labelled pairs -> reward model; DPO on the same pairs; PPO
+against the reward model; gold reward and KL(π‖π_SFT) of every policy on held-out prompts.
 
 Each stage writes to its own sub-directory of the workdir and resumes from its checkpoints;
 sampling is a deterministic function of the params and the seed, so a rerun redraws exactly
@@ -13,6 +14,7 @@ import jax
 import ml_collections
 
 from rlhf_jax import eval as eval_lib
+from rlhf_jax.train import ppo as ppo_lib
 from rlhf_jax.train import preference as preference_lib
 from rlhf_jax.train import reward as reward_lib
 from rlhf_jax.train import sft as sft_lib
@@ -38,9 +40,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # REWARD MODEL FROM THE SFT BACKBONE, EVALUATED AGAINST GOLD LABELS ON FRESH PROMPTS.
   start = time.perf_counter()
-  _, _, rm = reward_lib.run_reward(config, os.path.join(workdir, "reward"), task=task,
-                                   backbone=sft_params, train_pairs=train_pairs,
-                                   eval_pairs=eval_pairs)
+  rm_module, rm_params, rm = reward_lib.run_reward(
+      config, os.path.join(workdir, "reward"), task=task, backbone=sft_params,
+      train_pairs=train_pairs, eval_pairs=eval_pairs)
   timings["reward"] = time.perf_counter() - start
 
   # DPO FROM THE SFT POLICY ON THE SAME GOLD-LABELLED PAIRS.
@@ -50,6 +52,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       train_pairs=train_pairs, eval_pairs=eval_pairs)
   timings["dpo"] = time.perf_counter() - start
 
+  # PPO FROM THE SFT POLICY AGAINST THE LEARNED REWARD MODEL.
+  start = time.perf_counter()
+  _, ppo_params, _ = ppo_lib.run_ppo(config, os.path.join(workdir, "ppo"), task=task,
+                                     policy=(module, sft_params), rm=(rm_module, rm_params))
+  timings["ppo"] = time.perf_counter() - start
+
   # HELD-OUT PROMPTS: GOLD REWARD OF EACH POLICY, MONTE-CARLO KL TO THE SFT POLICY.
   start = time.perf_counter()
   prompts = task.world.sample_prompts(config.eval.prompts, seed=12)
@@ -57,11 +65,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       module, params, prompts, world=task.world, cfg=config.sampling,
       tok=task.tokenize_config, mesh=mesh, rules=config.sharding,
       key=jax.random.key(config.seed + 4), ref_params=ref, k=config.eval.k)
-  sft_policy, dpo_policy = measure(sft_params, None), measure(dpo_params, sft_params)
+  sft_policy = measure(sft_params, None)
+  dpo_policy, ppo_policy = measure(dpo_params, sft_params), measure(ppo_params, sft_params)
   timings["evaluate"] = time.perf_counter() - start
 
   results = {"sft": {**sft_policy, "eval_perplexity": sft_eval["eval_perplexity"]},
-             "dpo": {**dpo_policy, **dpo}, "reward_model": rm,
+             "dpo": {**dpo_policy, **dpo}, "ppo": ppo_policy, "reward_model": rm,
              "wall_time_s": {k: round(v, 1) for k, v in timings.items()}}
   n = sft_policy["samples"]
   table = "\n".join([
@@ -77,6 +86,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f"| DPO | KL(π‖π_SFT), Monte-Carlo over the samples (mean ± s.e.) | "
       f"{dpo_policy['kl']:.3f} ± {dpo_policy['kl_stderr']:.3f} |",
       f"| DPO | held-out implicit-reward accuracy | {dpo['eval_reward_accuracy']:.3f} |",
+      f"| PPO (RM reward, {config.ppo.iterations} iterations) | gold reward, {n} held-out "
+      f"samples (mean ± s.e.) | {ppo_policy['gold_reward']:.4f} ± "
+      f"{ppo_policy['gold_reward_stderr']:.4f} |",
+      f"| PPO | KL(π‖π_SFT), Monte-Carlo over the samples (mean ± s.e.) | "
+      f"{ppo_policy['kl']:.3f} ± {ppo_policy['kl_stderr']:.3f} |",
       "| all | wall time (s): " + " / ".join(timings) + " | "
       + " / ".join(f"{v:.0f}" for v in timings.values()) + " |"])
   print(table, flush=True)
