@@ -13,7 +13,9 @@ group-normalised advantages, k3 KL in the loss. RLOO (Ahmadian et al. 2024): 4 s
 leave-one-out baseline, sequence KL in the reward. Matched samples per iteration (64 rollouts).
 `preset=seed` switches to the seed's PPO hyperparameters (lr 1.41e-5, batch 256, minibatch 64,
 4 epochs, clip 0.2, value clip 0.2, vf_coef 0.1, KL 0.2 adaptive to target 6, 256 new tokens),
-meant for a pod.
+meant for a pod. `--config.ppo.fused=True` compiles rollout, scoring and every update of an
+iteration into one program (reward=model only; see PPOTrainer.fused_iteration, vmappable over
+stacked states for one-compile sweeps).
 """
 from rlhf_jax import configs
 from rlhf_jax.train.ppo import default_ppo_config

@@ -155,8 +155,8 @@ class PPOTrainer:
     self._score = jax.jit(lambda params, ref, rm, pi, pm, s: score_rollout(
         policy_module, value_module, reward_module, params=params, ref_params=ref,
         rm_params=rm, prompt_ids=pi, prompt_mask=pm, samples=s, cfg=self.cfg))
-    self._advantages = jax.jit(lambda batch, kl_coef: compute_advantages(batch, kl_coef,
-                                                                         self.cfg))
+    self._batch = jax.jit(self._rollout_batch)
+    self._kl_coef = jax.jit(self._next_kl_coef)
     self.tx, _ = optim.make_optimizer(self.cfg.optim, self.cfg.iterations * self.updates_per_iter)
     self._update = None
 
@@ -169,9 +169,12 @@ class PPOTrainer:
     state = state_lib.state_from_params(params, self.tx, key, self.mesh, self.rules)
     state["kl_coef"] = jax.device_put(jnp.asarray(self.cfg.kl_coef, jnp.float32),
                                       state["step"].sharding)
-    self._update = state_lib.jit_step(step_lib.make_train_step(
+    self._update_fn = step_lib.make_train_step(
         ppo_loss_fn(self.policy_value_module, self.value_module, self.cfg, self.prompt_len),
-        self.tx, state_extra=("kl_coef",)), state)
+        self.tx, state_extra=("kl_coef",))
+    self._update = state_lib.jit_step(self._update_fn, state)
+    self._fused = jax.jit(self.fused_iteration, donate_argnums=0,
+                          out_shardings=(state_lib.shardings(state), None))
     return state
 
   def gold_scores(self, prompt_ids, samples) -> np.ndarray | None:
@@ -181,23 +184,11 @@ class PPOTrainer:
     prompts = [row[mask > 0] for row, mask in zip(*map(np.asarray, prompt_ids))]
     return world.score_ids(prompts, list(np.asarray(samples.tokens))).reward
 
-  def iteration(self, state, prompts):
+  def _rollout_batch(self, kl_coef, ids, mask, samples, scored, raw_score):
+    """The update batch of one rollout: shaped score (length penalty, missing-EOS penalty,
+    clipping), advantages, returns; plus the per-token KL."""
     cfg = self.cfg
-    ids, mask = parallel.shard_batch((prompts["ids"], prompts["mask"]), self.mesh)
-    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    sample_key, shuffle_key = jax.random.split(key)
-    # ROLLOUT
-    samples = sampling.generate(self.policy, state["params"]["policy"], ids, mask, sample_key,
-                                self.sampling_cfg)
-    # SCORE: reward model (or gold), reference log-probs, values
-    scored = self._score(state["params"], self.ref_params, self.rm_params, ids, mask, samples)
-    gold = self.gold_scores((prompts["ids"], prompts["mask"]), samples)
-    if cfg.reward_source == "gold":
-      score = jnp.asarray(gold, jnp.float32)
-    else:
-      score = scored["rm_score"]
-    lengths = samples.lengths.astype(jnp.float32)
-    score = score - cfg.length_penalty * lengths
+    score = raw_score - cfg.length_penalty * samples.lengths.astype(jnp.float32)
     score = jnp.where(samples.finished, score, score - cfg.missing_eos_penalty)
     if cfg.reward_clip > 0:
       score = jnp.clip(score, -cfg.reward_clip, cfg.reward_clip)
@@ -206,41 +197,106 @@ class PPOTrainer:
              "ref_logp": scored["ref_logp"], "values": scored["values"], "score": score,
              "loss_weight": (samples.finished.astype(jnp.float32) if cfg.mask_truncated
                              else jnp.ones_like(score))}
-    # ADVANTAGES
-    adv, returns, kl = self._advantages(batch, state["kl_coef"])
-    batch.update(advantages=adv, returns=returns)
-    # UPDATE: epochs x minibatches
-    rows = ids.shape[0]
-    metrics = []
-    for epoch in range(cfg.epochs):
-      order = np.asarray(jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), rows))
-      for start in range(0, rows - cfg.minibatch_size + 1, cfg.minibatch_size):
-        idx = np.sort(order[start:start + cfg.minibatch_size])
+    adv, returns, kl = compute_advantages(batch, kl_coef, cfg)
+    return {**batch, "advantages": adv, "returns": returns}, kl
+
+  def _next_kl_coef(self, kl_coef, kl):
+    """KL controller on the observed mean summed per-sequence KL of the rollout."""
+    cfg = self.cfg
+    seq_kl = jnp.mean(jnp.sum(kl, axis=1))
+    return seq_kl, objectives.next_kl_coef(cfg.kl_controller, kl_coef, seq_kl, kl.shape[0],
+                                           target=cfg.kl_target, horizon=cfg.kl_horizon)
+
+  def fused_iteration(self, state, ids, mask, ref_params, rm_params):
+    """Rollout + scoring + all updates + KL control as ONE traced program (purejaxrl style):
+    jit it, or vmap it over stacked states (e.g. several KL coefficients or seeds) so a sweep
+    is one compile. Needs a jittable reward (reward_source="model").
+
+    Returns (state, outputs) with per-update metrics averaged, the samples, the batch (for
+    host-side metrics) and the observed KL.
+    """
+    cfg = self.cfg
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    sample_key, shuffle_key = jax.random.split(key)
+    # ROLLOUT AND SCORING
+    samples = sampling.generate(self.policy, state["params"]["policy"], ids, mask, sample_key,
+                                self.sampling_cfg)
+    scored = score_rollout(self.policy_value_module, self.value_module, self.reward_module,
+                           params=state["params"], ref_params=ref_params, rm_params=rm_params,
+                           prompt_ids=ids, prompt_mask=mask, samples=samples, cfg=cfg)
+    batch, kl = self._rollout_batch(state["kl_coef"], ids, mask, samples, scored,
+                                    scored["rm_score"])
+    # EPOCHS x MINIBATCHES (scans)
+    rows, mb = ids.shape[0], cfg.minibatch_size
+
+    def epoch(state, e):
+      order = jax.random.permutation(jax.random.fold_in(shuffle_key, e), rows)[:rows // mb * mb]
+      minibatches = jax.tree.map(lambda x: x[order].reshape(rows // mb, mb, *x.shape[1:]), batch)
+      return jax.lax.scan(self._update_fn, state, minibatches)
+
+    state, metrics = jax.lax.scan(epoch, state, jnp.arange(cfg.epochs))
+    # KL CONTROLLER
+    seq_kl, state["kl_coef"] = self._next_kl_coef(state["kl_coef"], kl)
+    metrics = {k: (jnp.max(v) if k == "skipped" else jnp.mean(v)) for k, v in metrics.items()}
+    return state, {"metrics": metrics, "samples": samples, "batch": batch,
+                   "rm_score": scored["rm_score"], "kl": seq_kl}
+
+  def host_iteration(self, state, ids, mask, gold):
+    """The same iteration driven from the host: separate jitted rollout, scoring and update
+    calls (any reward, including the task's host-side gold reward)."""
+    cfg = self.cfg
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    sample_key, shuffle_key = jax.random.split(key)
+    samples = sampling.generate(self.policy, state["params"]["policy"], ids, mask, sample_key,
+                                self.sampling_cfg)
+    scored = self._score(state["params"], self.ref_params, self.rm_params, ids, mask, samples)
+    raw = jnp.asarray(gold(samples), jnp.float32) if cfg.reward_source == "gold" else \
+        scored["rm_score"]
+    batch, kl = self._batch(state["kl_coef"], ids, mask, samples, scored, raw)
+    rows, metrics = ids.shape[0], []
+    for e in range(cfg.epochs):
+      order = np.asarray(jax.random.permutation(jax.random.fold_in(shuffle_key, e), rows))
+      for start in range(0, rows // cfg.minibatch_size * cfg.minibatch_size,
+                         cfg.minibatch_size):
+        idx = order[start:start + cfg.minibatch_size]
         minibatch = parallel.shard_batch(jax.tree.map(lambda x: np.asarray(x)[idx], batch),
                                          self.mesh)
         state, m = self._update(state, minibatch)
         metrics.append(m)
-    # KL CONTROLLER (observed: mean summed per-sequence KL of the rollout)
-    seq_kl = float(jnp.mean(jnp.sum(kl, axis=1)))
-    new_coef = float(objectives.next_kl_coef(cfg.kl_controller, state["kl_coef"], seq_kl, rows,
-                                             target=cfg.kl_target, horizon=cfg.kl_horizon))
-    state["kl_coef"] = jax.device_put(jnp.asarray(new_coef, jnp.float32),
-                                      state["kl_coef"].sharding)
-    out = {k: float(np.mean([float(m[k]) for m in metrics])) for k in metrics[0]}
-    tokens = np.asarray(samples.tokens)
-    lens = np.asarray(samples.lengths)
-    out.update({
-        "skipped": float(max(float(m["skipped"]) for m in metrics)),
-        "score": float(jnp.mean(score)), "rm_score": float(jnp.mean(scored["rm_score"])),
-        "kl": seq_kl, "kl_coef": new_coef, "response_length": float(lens.mean()),
+    seq_kl, new_coef = self._kl_coef(state["kl_coef"], kl)
+    state["kl_coef"] = jax.device_put(new_coef, state["kl_coef"].sharding)
+    metrics = {k: (np.max if k == "skipped" else np.mean)([float(m[k]) for m in metrics])
+               for k in metrics[0]}
+    return state, {"metrics": metrics, "samples": samples, "batch": batch,
+                   "rm_score": scored["rm_score"], "kl": seq_kl}
+
+  def iteration(self, state, prompts):
+    """The loop's step function: one iteration on a batch of prompts, then host metrics."""
+    cfg = self.cfg
+    ids, mask = parallel.shard_batch((prompts["ids"], prompts["mask"]), self.mesh)
+    gold_of = lambda samples: self.gold_scores((prompts["ids"], prompts["mask"]), samples)
+    if cfg.fused:
+      state, out = self._fused(state, ids, mask, self.ref_params, self.rm_params)
+    else:
+      state, out = self.host_iteration(state, ids, mask, gold_of)
+    samples, batch = out["samples"], out["batch"]
+    gold = gold_of(samples)
+    tokens, lens = np.asarray(samples.tokens), np.asarray(samples.lengths)
+    responses = [t[:n] for t, n in zip(tokens, lens)]
+    metrics = {k: float(v) for k, v in out["metrics"].items()}
+    metrics.update({
+        "score": float(jnp.mean(batch["score"])), "rm_score": float(jnp.mean(out["rm_score"])),
+        "kl": float(out["kl"]), "kl_coef": float(state["kl_coef"]),
+        "response_length": float(lens.mean()),
         "no_eos_fraction": float(1 - np.asarray(samples.finished).mean()),
-        "value/explained_variance": float(objectives.explained_variance(
-            scored["values"], returns, samples.response_mask)) if cfg.algorithm == "ppo" else 0.0,
-        "distinct_1": eval_lib.distinct_n([t[:n] for t, n in zip(tokens, lens)], 1),
-        "distinct_2": eval_lib.distinct_n([t[:n] for t, n in zip(tokens, lens)], 2)})
+        "distinct_1": eval_lib.distinct_n(responses, 1),
+        "distinct_2": eval_lib.distinct_n(responses, 2)})
+    if cfg.algorithm == "ppo":
+      metrics["value/explained_variance"] = float(objectives.explained_variance(
+          batch["values"], batch["returns"], batch["response_mask"]))
     if gold is not None:
-      out["gold_reward"] = float(np.mean(gold))
-    return state, out
+      metrics["gold_reward"] = float(np.mean(gold))
+    return state, metrics
 
 
 def prompt_iterator(task, config, position: int):
@@ -271,6 +327,9 @@ def run_ppo(config: ml_collections.ConfigDict, workdir: str, *, task, policy, rm
     raise ValueError(f"config.ppo.algorithm={cfg.algorithm!r}; expected one of {ALGORITHMS}")
   if cfg.reward_source == "model" and rm is None:
     raise ValueError("config.ppo.reward_source='model' needs a reward model")
+  if cfg.fused and cfg.reward_source != "model":
+    raise ValueError("config.ppo.fused=True compiles the whole iteration: it needs "
+                     "reward_source='model' (the gold reward is computed on the host)")
   if cfg.algorithm != "ppo" and cfg.group_size < 2:
     raise ValueError(f"config.ppo.group_size={cfg.group_size}: {cfg.algorithm} needs >= 2")
   mesh = parallel.make_mesh(config.mesh.to_dict())
@@ -332,7 +391,7 @@ def default_ppo_config() -> ml_collections.ConfigDict:
       kl_controller="adaptive", kl_target=6.0, kl_horizon=10_000, whiten_rewards=False,
       loss_aggregation="token_mean", grpo_std_normalize=True, mask_truncated=False,
       reward_source="model", ensemble_std_coef=0.0, reward_clip=0.0, missing_eos_penalty=1.0,
-      length_penalty=0.0, value="separate", eval_every=10,
+      length_penalty=0.0, value="separate", eval_every=10, fused=False,
       optim=optim.default_optim_config()))
   c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 1.41e-5, 0, "constant"
   c.optim.weight_decay, c.optim.b2 = 0.0, 0.999
