@@ -5,7 +5,7 @@ shardings -> jit(init, out_shardings). No parameter is ever materialised whole o
 """
 import contextlib
 import math
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -96,13 +96,3 @@ def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
       return jax.make_array_from_process_local_data(sharding, x)
     return jax.device_put(x, sharding)
   return jax.tree.map(put, batch)
-
-
-def is_fully_replicated(tree: PyTree) -> bool:
-  return all(x.sharding.is_fully_replicated for x in jax.tree.leaves(tree))
-
-
-def map_with_path(fn: Callable[[str, Any], Any], tree: PyTree) -> PyTree:
-  """tree.map with '/'-joined key paths, for readable per-parameter reports."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: fn("/".join(str(getattr(k, "key", k)) for k in path), x), tree)
