@@ -120,3 +120,12 @@ def test_short_dpo_run_learns(tmp_path):
   assert last["step"] == 40
   assert np.mean([m["loss"] for m in logged[-3:]]) < first["loss"] < 0.7
   assert last["eval_reward_accuracy"] > 0.55
+
+
+def test_tr_dpo_sync_moves_the_reference_every_k_steps():
+  sync = pref.tr_dpo_sync(every=2, alpha=0.25)
+  state = {"params": {"w": jnp.full((2,), 4.0)}, "ref": {"w": jnp.zeros((2,))},
+           "step": jnp.asarray(1, jnp.int32)}
+  assert float(sync(state)["ref"]["w"][0]) == 0.0  # Step 1: not due.
+  state["step"] = jnp.asarray(2, jnp.int32)
+  np.testing.assert_allclose(sync(state)["ref"]["w"], 1.0)  # 0.25 * 4 + 0.75 * 0.

@@ -28,9 +28,10 @@ def get_config(arg=None):
   c.stage = "ppo"
   configs.add_review_world_stages(c, runlocal=arg.runlocal)
   if arg.preset == "seed":
-    keep = {k: c.ppo[k] for k in ("eval_every",)}
     c.ppo = default_ppo_config()
-    c.ppo.update(keep)
+    if arg.runlocal:  # The same recipe, shrunk to run on a laptop.
+      c.ppo.update(dict(iterations=4, prompts_per_iter=16, minibatch_size=8,
+                        max_new_tokens=32, eval_every=2))
   elif arg.preset:
     raise ValueError(f"preset={arg.preset!r}; expected 'seed' or nothing")
   c.ppo.algorithm = arg.algo
