@@ -98,6 +98,10 @@ def main():
   parser.add_argument("--rounds", type=int, default=3,
                       help="alternating ours / transformers timed calls (medians reported)")
   parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+  parser.add_argument("--torch-threads", type=int, default=0,
+                      help="torch intra-op threads (0 = torch's default). On a machine shared "
+                           "with other jobs, torch's spinning OpenMP threads can slow it down "
+                           "many-fold; 1 thread gives a steadier baseline")
   args = parser.parse_args()
   load_start = round(os.getloadavg()[0], 2)
 
@@ -135,6 +139,8 @@ def main():
     result["ours_new_tokens_per_s"] = ours[args.new_tokens]["new_tokens_per_s"]
   else:
     import torch
+    if args.torch_threads:
+      torch.set_num_threads(args.torch_threads)
     model = hf_model(module, params)
     # Same weights: the prompts' logits must agree before anything is timed.
     with torch.inference_mode():
