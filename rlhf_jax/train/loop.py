@@ -5,6 +5,7 @@ the latest usable checkpoint with the params, optimiser state, step, RNG and dat
 saved, so a killed run continues exactly where its last checkpoint left it.
 """
 import dataclasses
+import json
 import os
 from typing import Any, Callable, Iterator
 
@@ -36,6 +37,19 @@ class LoopConfig:
   max_nonfinite: int = 5  # Consecutive skipped (non-finite) updates before the run stops.
 
 
+def _changed_keys(saved, current, prefix="config") -> list[str]:
+  """Dotted keys whose values differ between two config dicts (None: nothing to compare)."""
+  if saved is None or current is None:
+    return []
+  if not isinstance(saved, dict) or not isinstance(current, dict):
+    return [] if saved == current else [prefix]
+  out = []
+  for key in sorted(set(saved) | set(current)):
+    out += _changed_keys(saved.get(key), current.get(key), f"{prefix}.{key}") if (
+        key in saved and key in current) else [f"{prefix}.{key}"]
+  return out
+
+
 def train_loop(*, workdir: str, state: state_lib.State, step_fn: Callable,
                make_iterator: Callable[[int], Iterator], to_device: Callable[[Any], Any],
                loop: LoopConfig, extra: dict[str, Any] | None = None,
@@ -55,6 +69,13 @@ def train_loop(*, workdir: str, state: state_lib.State, step_fn: Callable,
     start, state, saved = restored
     position = int(saved["data_position"])
     logging.info("%s: resumed from step %d (data position %d)", desc, start, position)
+    # Through JSON, as the checkpoint stored it (tuples become lists).
+    current = json.loads(json.dumps((extra or {}).get("config"), default=str))
+    changed = _changed_keys(saved.get("config"), current)
+    if changed:
+      logging.warning("%s: resuming with a config that differs from the checkpoint's in %s; "
+                      "the saved data position and optimiser state may not mean the same",
+                      desc, ", ".join(changed[:20]))
   iterator = make_iterator(position)
   writer = metrics_lib.MetricWriter(workdir, total_steps=loop.total_steps, initial_step=start)
   guard = metrics_lib.NonFiniteGuard(loop.max_nonfinite)

@@ -28,6 +28,9 @@ from rlhf_jax.train.reward import ensemble_rewards
 from rlhf_jax.train.sft import loop_config, make_eval_fn as sft_eval_fn
 
 ALGORITHMS = ("ppo", "grpo", "rloo")
+REWARD_SOURCES = ("model", "gold")
+CRITICS = ("separate", "head")
+ROLLOUT_STREAM = 0x5EED  # fold_in tag of the rollout's random stream.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,27 +44,33 @@ def _response_values(values: jax.Array, prompt_len: int, new_tokens: int) -> jax
 
 def score_rollout(policy_value_module, value_module, reward_module, *, params, ref_params,
                   rm_params, prompt_ids, prompt_mask, samples, cfg):
-  """Reference log-probs, values and reward-model scores of one rollout (one jitted call).
+  """Old and reference log-probs, values and reward-model scores of one rollout.
 
-  Returns a dict of [B, N] float32 (ref_logp, values) and [B] (rm_score: ensemble mean −
-  cfg.ensemble_std_coef · std; zeros when the reward comes from elsewhere).
+  The old log-probs are recomputed by a full forward pass at the sampling temperature (not
+  taken from the KV-cache decode): in bfloat16 the two differ by ~1e-2, which would start
+  every PPO ratio away from 1. Returns [B, N] float32 old_logp, ref_logp, values (zeros for the
+  critic-free algorithms) and [B] rm_score = ensemble mean − cfg.ensemble_std_coef · std (zeros
+  when the reward comes from elsewhere).
   """
   ids, mask = sampling.sequences(prompt_ids, prompt_mask, samples)
   p, n = prompt_ids.shape[1], samples.tokens.shape[1]
   policy = models.build_model(policy_value_module.cfg, "policy")
-  ref_logp = sampling.response_logprobs(policy, ref_params, prompt_ids, prompt_mask, samples,
-                                        cfg.temperature)
-  if value_module is None:  # Value head on the policy backbone.
-    _, values = policy_value_module.apply({"params": params["policy"]}, ids, mask)
-  else:
+  logp_of = lambda prm: sampling.response_logprobs(policy, prm, prompt_ids, prompt_mask,
+                                                   samples, cfg.temperature)
+  old_logp, ref_logp = logp_of(params["policy"]), logp_of(ref_params)
+  if value_module is not None:  # A separate value network.
     values = value_module.apply({"params": params["value"]}, ids, mask)
+  elif policy_value_module.role == "policy_value":  # A value head on the policy backbone.
+    _, values = policy_value_module.apply({"params": params["policy"]}, ids, mask)
+  else:  # Critic-free (GRPO, RLOO).
+    values = jnp.zeros(ids.shape, jnp.float32)
   values = _response_values(values, p, n) * samples.response_mask
   if rm_params is not None:
     r = ensemble_rewards(reward_module, rm_params, ids, mask)  # [k, B]
     rm_score = jnp.mean(r, 0) - cfg.ensemble_std_coef * jnp.std(r, 0)
   else:
     rm_score = jnp.zeros(ids.shape[:1], jnp.float32)
-  return {"ref_logp": ref_logp, "values": values, "rm_score": rm_score}
+  return {"old_logp": old_logp, "ref_logp": ref_logp, "values": values, "rm_score": rm_score}
 
 
 def compute_advantages(batch, kl_coef, cfg):
@@ -101,21 +110,23 @@ def ppo_loss_fn(policy_value_module, value_module, cfg, prompt_len: int):
     ids = jnp.concatenate([batch["prompt_ids"], batch["tokens"]], 1)
     mask = jnp.concatenate([batch["prompt_mask"], batch["response_mask"]], 1)
     n = batch["tokens"].shape[1]
-    if value_module is None:
+    if policy_value_module.role == "policy_value":
       logits, values = policy_value_module.apply({"params": params["policy"]}, ids, mask)
     else:
       logits = policy.apply({"params": params["policy"]}, ids, mask)
-      values = value_module.apply({"params": params["value"]}, ids, mask)
+      values = (value_module.apply({"params": params["value"]}, ids, mask)
+                if value_module is not None else None)
     logp, entropy = models.logprobs_and_entropy(logits[:, prompt_len - 1:-1], batch["tokens"],
                                                 cfg.temperature)
     rmask = batch["response_mask"].astype(jnp.float32) * batch["loss_weight"][:, None]
+    # Every per-token term is reduced the same way (config.ppo.loss_aggregation).
+    agg = dict(aggregation=cfg.loss_aggregation, max_len=n)
     pg_loss, pg_metrics = objectives.policy_loss(
         logp, batch["old_logp"], batch["advantages"], rmask, clip_eps=cfg.clip_eps,
-        clip_eps_high=cfg.clip_eps_high, aggregation=cfg.loss_aggregation,
-        **({"max_len": n} if cfg.loss_aggregation in ("dr_grpo", "seq_mean_token_sum_norm")
-           else {}))
-    loss = pg_loss - cfg.ent_coef * objectives.masked_mean(entropy, rmask)
-    metrics = {"policy_loss": pg_loss, "entropy": objectives.masked_mean(entropy, rmask),
+        clip_eps_high=cfg.clip_eps_high, **agg)
+    ent = objectives.entropy_bonus(entropy, rmask, **agg)
+    loss = pg_loss - cfg.ent_coef * ent
+    metrics = {"policy_loss": pg_loss, "entropy": ent,
                **{f"policy/{k}": v for k, v in pg_metrics.items()}}
     if cfg.algorithm == "ppo":
       v = _response_values(values, prompt_len, n)
@@ -124,7 +135,8 @@ def ppo_loss_fn(policy_value_module, value_module, cfg, prompt_len: int):
       loss = loss + cfg.vf_coef * v_loss
       metrics.update(value_loss=v_loss, **{f"value/{k}": x for k, x in v_metrics.items()})
     if not cfg.kl_in_reward:  # GRPO-style: KL to the reference in the loss.
-      kl = objectives.masked_mean(objectives.kl_penalty(logp, batch["ref_logp"], "k3"), rmask)
+      kl = objectives.aggregate_loss(objectives.kl_penalty(logp, batch["ref_logp"], "k3"),
+                                     rmask, **agg)
       loss = loss + kl_coef * kl
       metrics["kl_loss"] = kl
     return loss, (jnp.ones((), jnp.float32), metrics)
@@ -171,7 +183,7 @@ class PPOTrainer:
                                       state["step"].sharding)
     self._update_fn = step_lib.make_train_step(
         ppo_loss_fn(self.policy_value_module, self.value_module, self.cfg, self.prompt_len),
-        self.tx, state_extra=("kl_coef",))
+        self.tx, accum_steps=self.cfg.optim.accum_steps, state_extra=("kl_coef",))
     self._update = state_lib.jit_step(self._update_fn, state)
     self._fused = jax.jit(self.fused_iteration, donate_argnums=0,
                           out_shardings=(state_lib.shardings(state), None))
@@ -193,7 +205,7 @@ class PPOTrainer:
     if cfg.reward_clip > 0:
       score = jnp.clip(score, -cfg.reward_clip, cfg.reward_clip)
     batch = {"prompt_ids": ids, "prompt_mask": mask, "tokens": samples.tokens,
-             "response_mask": samples.response_mask, "old_logp": samples.logprobs,
+             "response_mask": samples.response_mask, "old_logp": scored["old_logp"],
              "ref_logp": scored["ref_logp"], "values": scored["values"], "score": score,
              "loss_weight": (samples.finished.astype(jnp.float32) if cfg.mask_truncated
                              else jnp.ones_like(score))}
@@ -207,6 +219,13 @@ class PPOTrainer:
     return seq_kl, objectives.next_kl_coef(cfg.kl_controller, kl_coef, seq_kl, kl.shape[0],
                                            target=cfg.kl_target, horizon=cfg.kl_horizon)
 
+  @staticmethod
+  def _rollout_key(state):
+    """Sampling and shuffling keys of this iteration, apart from the update steps' keys
+    (which fold the same step counter into the same root key)."""
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    return jax.random.fold_in(step_key, ROLLOUT_STREAM)
+
   def fused_iteration(self, state, ids, mask, ref_params, rm_params):
     """Rollout + scoring + all updates + KL control as ONE traced program (purejaxrl style):
     jit it, or vmap it over stacked states (e.g. several KL coefficients or seeds) so a sweep
@@ -216,8 +235,7 @@ class PPOTrainer:
     host-side metrics) and the observed KL.
     """
     cfg = self.cfg
-    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    sample_key, shuffle_key = jax.random.split(key)
+    sample_key, shuffle_key = jax.random.split(self._rollout_key(state))
     # ROLLOUT AND SCORING
     samples = sampling.generate(self.policy, state["params"]["policy"], ids, mask, sample_key,
                                 self.sampling_cfg)
@@ -245,8 +263,7 @@ class PPOTrainer:
     """The same iteration driven from the host: separate jitted rollout, scoring and update
     calls (any reward, including the task's host-side gold reward)."""
     cfg = self.cfg
-    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    sample_key, shuffle_key = jax.random.split(key)
+    sample_key, shuffle_key = jax.random.split(self._rollout_key(state))
     samples = sampling.generate(self.policy, state["params"]["policy"], ids, mask, sample_key,
                                 self.sampling_cfg)
     scored = self._score(state["params"], self.ref_params, self.rm_params, ids, mask, samples)
@@ -282,7 +299,8 @@ class PPOTrainer:
     samples, batch = out["samples"], out["batch"]
     gold = gold_of(samples)
     tokens, lens = np.asarray(samples.tokens), np.asarray(samples.lengths)
-    responses = [t[:n] for t, n in zip(tokens, lens)]
+    ended = np.asarray(samples.finished).astype(int)
+    responses = [t[:n - e] for t, n, e in zip(tokens, lens, ended)]  # EOS excluded, as in eval.
     metrics = {k: float(v) for k, v in out["metrics"].items()}
     metrics.update({
         "score": float(jnp.mean(batch["score"])), "rm_score": float(jnp.mean(out["rm_score"])),
@@ -332,13 +350,28 @@ def run_ppo(config: ml_collections.ConfigDict, workdir: str, *, task, policy, rm
                      "reward_source='model' (the gold reward is computed on the host)")
   if cfg.algorithm != "ppo" and cfg.group_size < 2:
     raise ValueError(f"config.ppo.group_size={cfg.group_size}: {cfg.algorithm} needs >= 2")
+  if cfg.reward_source not in REWARD_SOURCES:
+    raise ValueError(f"config.ppo.reward_source={cfg.reward_source!r}; expected one of "
+                     f"{REWARD_SOURCES}")
+  if cfg.value not in CRITICS:
+    raise ValueError(f"config.ppo.value={cfg.value!r}; expected one of {CRITICS}")
+  if cfg.algorithm == "grpo" and cfg.kl_in_reward:
+    raise ValueError("config.ppo.algorithm='grpo' puts the KL in the loss: set "
+                     "config.ppo.kl_in_reward=False (GRPO has no token rewards to put it in)")
+  rows = cfg.prompts_per_iter * cfg.group_size
+  if cfg.minibatch_size > rows or rows % cfg.minibatch_size:
+    raise ValueError(f"config.ppo.minibatch_size={cfg.minibatch_size} must divide the "
+                     f"{rows} rollouts per iteration (prompts_per_iter x group_size)")
   mesh = parallel.make_mesh(config.mesh.to_dict())
   rules = config.sharding
   module, sft_params = policy
   ref_params = sft_params
   sample = jnp.ones((1, 8), jnp.int32)
   key = jax.random.key(config.seed + 5)
-  if cfg.value == "head":
+  if cfg.algorithm != "ppo":  # Critic-free: no value network at all.
+    policy_module, value_module = module, None
+    params = {"policy": jax.tree.map(jnp.copy, sft_params)}
+  elif cfg.value == "head":
     policy_module = models.build_model(module.cfg, "policy_value")
     fresh = parallel.init_params(policy_module, key, sample, mesh=mesh, rules=rules)
     # The SFT policy plus a fresh (zero) value head on its backbone.

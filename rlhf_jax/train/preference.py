@@ -182,16 +182,17 @@ def kto_loss_fn(module, cfg: ml_collections.ConfigDict):
 # Precomputed reference log-probs
 # ---------------------------------------------------------------------------------------------
 
-def _fingerprint(pairs, params, cfg) -> str:
-  """Identifies (data, reference params, layout): a cache is reused only when all match."""
+def _fingerprint(pairs, params, cfg, model_cfg) -> str:
+  """Identifies (data, reference params, model config, layout): a cache is reused only when all
+  match. Only the first 4096 values of each leaf are read (sliced on device)."""
   h = hashlib.sha256()
   for p in pairs:
     for a in (p.prompt, p.chosen, p.rejected):
       h.update(np.asarray(a, np.int32).tobytes())
       h.update(b"|")
   for leaf in jax.tree.leaves(params):
-    h.update(np.asarray(jax.device_get(leaf)).ravel()[:4096].tobytes())
-  h.update(repr((cfg.shared_prefix, cfg.batch_size)).encode())
+    h.update(np.asarray(jnp.ravel(leaf)[:4096]).tobytes())
+  h.update(repr((cfg.shared_prefix, model_cfg)).encode())
   return h.hexdigest()
 
 
@@ -218,7 +219,7 @@ def score_pairs(module, params, pairs, tok, mesh, batch_size: int, shared_prefix
 def cached_reference_logps(path: str, module, ref_params, pairs, tok, mesh, cfg):
   """Reference log-probs of every training pair, from `path` when it was computed for the same
   data and reference, else computed now (one pass) and written atomically."""
-  key = _fingerprint(pairs, ref_params, cfg)
+  key = _fingerprint(pairs, ref_params, cfg, module.cfg)
   if os.path.exists(path):
     cached = np.load(path)
     if str(cached["fingerprint"]) == key:
@@ -288,6 +289,9 @@ def run_preference(config: ml_collections.ConfigDict, workdir: str, *, task=None
   if cfg.loss not in objectives.PREFERENCE_LOSSES and not is_kto:
     raise ValueError(f"config.dpo.loss={cfg.loss!r}; expected 'kto' or one of "
                      f"{sorted(objectives.PREFERENCE_LOSSES)}")
+  if is_kto and cfg.optim.accum_steps > 1:
+    raise ValueError("config.dpo.loss='kto' with accum_steps > 1 would estimate the batch KL "
+                     "z0 per micro-batch; use accum_steps=1 and a larger batch")
   if is_kto and (cfg.reference != "model" or cfg.shared_prefix):
     raise ValueError("config.dpo.loss='kto' needs config.dpo.reference='model' and "
                      "shared_prefix=False (the KL rows need the reference in the step)")

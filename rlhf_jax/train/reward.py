@@ -1,7 +1,10 @@
 """Reward-model stage: Bradley–Terry training of an ensemble of k reward models.
 
-Members differ by init seed and, for k > 1, by a bootstrap resample of the training pairs
-(Coste et al. 2023, "Reward model ensembles help mitigate overoptimization"). All members
+Members differ by their head's init seed and, for k > 1, by a bootstrap resample of the training
+pairs (bagging; Coste et al. 2023, "Reward model ensembles help mitigate overoptimization", vary
+only the seed on the same data). Downstream, PPO can optimise mean − k·std of the members
+(config.ppo.ensemble_std_coef; Coste et al.'s uncertainty-weighted variant uses the variance). All
+members
 train in one program: their params are stacked on a leading axis and the step is vmapped, so
 k members cost one compile. k = 1 is the plain reward model (no resampling).
 

@@ -73,7 +73,7 @@ def loop_config(cfg: ml_collections.ConfigDict, run: ml_collections.ConfigDict
 
 
 def run_sft(config: ml_collections.ConfigDict, workdir: str):
-  """Trains config.model on SFT data; returns (module, params, task, mesh).
+  """Trains config.model on SFT data; returns (module, params, task, mesh, held-out metrics).
 
   Resumes from workdir/checkpoints if present; a finished run returns its final params.
   """
