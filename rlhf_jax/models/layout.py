@@ -22,7 +22,8 @@ class Layout(NamedTuple):
 class KVCache:
   """A fixed-size key/value cache for incremental decoding (a plain pytree).
 
-  k, v: one [B, S, kv_heads, head_dim] array per layer. `mask` marks the slots that hold real
+  k, v: one [B, kv_heads, S, head_dim] array per layer (heads-major: appending a token is a
+  contiguous write per head, and attention reads each head's slots without a transpose). `mask` marks the slots that hold real
   tokens, `index` is the next slot to write (shared by the batch), `next_pos` the position id
   the next real token of each row gets. Padding inside a prefill occupies slots but is masked.
   """

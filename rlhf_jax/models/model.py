@@ -22,7 +22,7 @@ def build_model(cfg: ModelConfig, role: str = "policy") -> Transformer:
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
   """An empty cache of `max_len` slots (prompt + generated tokens) for `batch_size` rows."""
   dtype = dtype or cfg.compute_dtype
-  shape = (batch_size, max_len, cfg.kv_heads, cfg.head_size)
+  shape = (batch_size, cfg.kv_heads, max_len, cfg.head_size)  # Heads-major (see Attention).
   zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
   return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
                  mask=jnp.zeros((batch_size, max_len), jnp.int32),

@@ -98,9 +98,15 @@ class Attention(nn.Module):
       inv_freq = rope_frequencies(cfg)
       q, k = apply_rope(q, lay.positions, inv_freq), apply_rope(k, lay.positions, inv_freq)
     if kv is not None:  # Write the new keys/values into the cache, attend over all its slots.
-      k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, cache_index, 0, 0))
-      v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, cache_index, 0, 0))
+      # The cache is heads-major [B, kv_heads, S, D]: a [B, S, kv_heads, D] cache made XLA copy
+      # and transpose every layer's whole cache on every decode step (cost growing with S).
+      heads_major = lambda x: x.transpose(0, 2, 1, 3)
+      k = jax.lax.dynamic_update_slice(kv[0], heads_major(k).astype(kv[0].dtype),
+                                       (0, 0, cache_index, 0))
+      v = jax.lax.dynamic_update_slice(kv[1], heads_major(v).astype(kv[1].dtype),
+                                       (0, 0, cache_index, 0))
       kv = (k, v)
+      k, v = heads_major(k), heads_major(v)
     # jax.nn.dot_product_attention: float32 logits and softmax, native GQA, and a backward
     # pass several times faster on XLA:CPU than a hand-written grouped einsum.
     dtype = cfg.compute_dtype
