@@ -24,6 +24,12 @@ def _kernel(init, names):
   return nn.with_logical_partitioning(init, names)
 
 
+def _rows(x: jax.Array) -> jax.Array:
+  """[B, T, D] -> [B*T, D] for the projections: with two contracting dims (B, T) the weight
+  gradients' dot_general runs about 1.7x slower on XLA:CPU than with one."""
+  return x.reshape(-1, x.shape[-1])
+
+
 def _dense(features, names, cfg: ModelConfig, *, use_bias, std=0.02, name=None):
   return nn.Dense(features, use_bias=use_bias, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
                   kernel_init=_kernel(_normal(std), names),
@@ -90,6 +96,7 @@ class Attention(nn.Module):
     h, kvh, hd = cfg.n_heads, cfg.kv_heads, cfg.head_size
     bias = cfg.arch == "gpt2" or cfg.qkv_bias
     b, t, _ = x.shape
+    x = _rows(x)
     q = _dense(h * hd, ("embed", "heads"), cfg, use_bias=bias, name="q")(x).reshape(b, t, h, hd)
     k = _dense(kvh * hd, ("embed", "kv_heads"), cfg, use_bias=bias, name="k")(x)
     v = _dense(kvh * hd, ("embed", "kv_heads"), cfg, use_bias=bias, name="v")(x)
@@ -112,10 +119,9 @@ class Attention(nn.Module):
     dtype = cfg.compute_dtype
     out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
                                        bias=lay.bias, scale=1.0 / math.sqrt(hd))
-    out = out.reshape(b, t, h * hd)
     out = _dense(cfg.d_model, ("heads", "embed"), cfg, use_bias=cfg.arch == "gpt2",
-                 std=self.out_std, name="o")(out)
-    return out, kv
+                 std=self.out_std, name="o")(out.reshape(b * t, h * hd))
+    return out.reshape(b, t, cfg.d_model), kv
 
 
 class Mlp(nn.Module):
@@ -125,15 +131,18 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
+    shape, x = x.shape, _rows(x)
     if cfg.arch == "gpt2":  # GELU (tanh approximation, "gelu_new") MLP with biases.
       hdn = _dense(cfg.mlp_dim, ("embed", "mlp"), cfg, use_bias=True, name="fc")(x)
       hdn = jax.nn.gelu(hdn, approximate=True)
-      return _dense(cfg.d_model, ("mlp", "embed"), cfg, use_bias=True, std=self.out_std,
-                    name="proj")(hdn)
-    gate = _dense(cfg.mlp_dim, ("embed", "mlp"), cfg, use_bias=False, name="gate")(x)
-    up = _dense(cfg.mlp_dim, ("embed", "mlp"), cfg, use_bias=False, name="up")(x)
-    return _dense(cfg.d_model, ("mlp", "embed"), cfg, use_bias=False, std=self.out_std,
-                  name="down")(jax.nn.silu(gate) * up)
+      out = _dense(cfg.d_model, ("mlp", "embed"), cfg, use_bias=True, std=self.out_std,
+                   name="proj")(hdn)
+    else:
+      gate = _dense(cfg.mlp_dim, ("embed", "mlp"), cfg, use_bias=False, name="gate")(x)
+      up = _dense(cfg.mlp_dim, ("embed", "mlp"), cfg, use_bias=False, name="up")(x)
+      out = _dense(cfg.d_model, ("mlp", "embed"), cfg, use_bias=False, std=self.out_std,
+                   name="down")(jax.nn.silu(gate) * up)
+    return out.reshape(shape)
 
 
 class Block(nn.Module):
@@ -235,7 +244,9 @@ class Transformer(nn.Module):
     hidden, new_cache = self.backbone(input_ids, attention_mask, segment_ids, cache, positions,
                                       parent_segment_ids)
     if self.role in ("policy", "reference", "policy_value"):
-      out = self.backbone.attend(hidden) if self.cfg.tie_embeddings else self.lm_head(hidden)
+      rows = _rows(hidden)
+      out = self.backbone.attend(rows) if self.cfg.tie_embeddings else self.lm_head(rows)
+      out = out.reshape(*hidden.shape[:-1], out.shape[-1])
       out = nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "act_vocab"))
       if self.role == "policy_value":
         out = (out, self.value_head(hidden.astype(jnp.float32))[..., 0])
