@@ -4,6 +4,7 @@ KL is the Monte-Carlo sequence estimate E_{y~π}[log π(y|x) − log π_ref(y|x)
 sampled responses (temperature 1, the sampling distribution itself), as in the DPO paper's
 reward–KL frontier (Rafailov et al. 2023, Fig. 2).
 """
+import functools
 import math
 
 import jax
@@ -37,6 +38,13 @@ def distinct_n(responses: list[np.ndarray], n: int) -> float:
   return len(set(grams)) / max(len(grams), 1)
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_response_logprobs(module, temperature: float):
+  """One jitted scorer per (module, temperature): repeated evaluations do not retrace."""
+  return jax.jit(lambda p, i, m, s: sampling.response_logprobs(module, p, i, m, s,
+                                                               temperature))
+
+
 def sample_responses(module, params, prompt_ids, *, k: int, sampling_cfg: sampling.SamplingConfig,
                      prompt_len: int, pad_id: int, mesh, rules, key: jax.Array, batch_size: int,
                      ref_params=None):
@@ -47,8 +55,7 @@ def sample_responses(module, params, prompt_ids, *, k: int, sampling_cfg: sampli
   """
   rows = [p for p in prompt_ids for _ in range(k)]
   batch = max(batch_size // mesh.size, 1) * mesh.size
-  ref_fn = jax.jit(lambda p, i, m, s: sampling.response_logprobs(module, p, i, m, s,
-                                                                 sampling_cfg.temperature))
+  ref_fn = _jitted_response_logprobs(module, sampling_cfg.temperature)
   tokens, finished, logps, ref_logps = [], [], [], []
   with parallel.mesh_context(mesh, rules):
     for b, start in enumerate(range(0, len(rows), batch)):

@@ -10,6 +10,7 @@ Prefix sharing (config.dpo.shared_prefix): each pair is one row [prompt | chosen
 both responses attend to the single copy of the prompt and not to each other (segment ids with
 a parent segment, explicit positions), so the prompt is encoded once per pair.
 """
+import functools
 import hashlib
 import os
 
@@ -201,11 +202,17 @@ def collate_pairs(pairs, tok: data.TokenizeConfig, shared_prefix: bool):
   return shared_prefix_rows(batch, tok.max_prompt_len) if shared_prefix else pair_rows(batch)
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_pair_logps(module, prompt_len: int, shared_prefix: bool):
+  """One jitted scorer per (module, layout): evaluation reuses it instead of retracing."""
+  return jax.jit(lambda p, b: pair_logps(module, p, b, prompt_len=prompt_len,
+                                         shared_prefix=shared_prefix)[:2])
+
+
 def score_pairs(module, params, pairs, tok, mesh, batch_size: int, shared_prefix: bool):
   """Summed response log-probs (chosen [N], rejected [N]) of every pair, in batches."""
   batch_size = max(batch_size // mesh.size, 1) * mesh.size
-  fn = jax.jit(lambda p, b: pair_logps(module, p, b, prompt_len=tok.max_prompt_len,
-                                       shared_prefix=shared_prefix)[:2])
+  fn = _jitted_pair_logps(module, tok.max_prompt_len, shared_prefix)
   chosen, rejected = [], []
   for start in range(0, len(pairs), batch_size):
     chunk = pairs[start:start + batch_size]

@@ -12,6 +12,7 @@ After training each member's head is affinely rescaled so that its rewards on a 
 (the held-out pairs' chosen and rejected responses) have mean 0 and std 1; the gain and bias
 are folded into the head's kernel and bias, so the stored params *are* the normalised model.
 """
+import functools
 import json
 import os
 
@@ -147,11 +148,17 @@ def ensemble_rewards(module, params, ids, mask) -> jax.Array:
   return jax.vmap(lambda p: module.apply({"params": p}, ids, mask))(params)
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_ensemble_rewards(module):
+  """One jitted scorer per module: evaluations reuse it instead of retracing."""
+  return jax.jit(lambda p, i, m: ensemble_rewards(module, p, i, m))
+
+
 def score_sequences(module, params, ids: np.ndarray, mask: np.ndarray, mesh,
                     batch_size: int) -> np.ndarray:
   """[k, N] member rewards for N padded sequences, in batches divisible over the mesh."""
   batch_size = max(batch_size // mesh.size, 1) * mesh.size
-  fn = jax.jit(lambda p, i, m: ensemble_rewards(module, p, i, m))
+  fn = _jitted_ensemble_rewards(module)
   out = []
   for start in range(0, len(ids), batch_size):
     i, m = ids[start:start + batch_size], mask[start:start + batch_size]
