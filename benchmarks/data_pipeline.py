@@ -15,7 +15,6 @@ import pathlib
 import statistics
 import time
 
-import numpy as np
 import tokenizers
 from tokenizers import decoders, pre_tokenizers, trainers
 from tokenizers import models as tok_models

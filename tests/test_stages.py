@@ -1,11 +1,9 @@
 """The CLI's config errors, the loop's non-finite handling, and the reward-model ensemble."""
 import json
-import os
 import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp

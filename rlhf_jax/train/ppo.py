@@ -25,7 +25,7 @@ from rlhf_jax import eval as eval_lib
 from rlhf_jax.train import loop as loop_lib
 from rlhf_jax.train import optim, state as state_lib, step as step_lib, task as task_lib
 from rlhf_jax.train.reward import ensemble_rewards
-from rlhf_jax.train.sft import loop_config, make_eval_fn as sft_eval_fn
+from rlhf_jax.train.sft import make_eval_fn as sft_eval_fn
 
 ALGORITHMS = ("ppo", "grpo", "rloo")
 REWARD_SOURCES = ("model", "gold")
