@@ -267,8 +267,9 @@ class PPOTrainer:
     samples = sampling.generate(self.policy, state["params"]["policy"], ids, mask, sample_key,
                                 self.sampling_cfg)
     scored = self._score(state["params"], self.ref_params, self.rm_params, ids, mask, samples)
-    raw = jnp.asarray(gold(samples), jnp.float32) if cfg.reward_source == "gold" else \
-        scored["rm_score"]
+    gold_scores = gold(samples) if cfg.reward_source == "gold" else None
+    raw = (jnp.asarray(gold_scores, jnp.float32) if gold_scores is not None else
+           scored["rm_score"])
     batch, kl = self._batch(state["kl_coef"], ids, mask, samples, scored, raw)
     rows, metrics = ids.shape[0], []
     for e in range(cfg.epochs):
@@ -285,7 +286,7 @@ class PPOTrainer:
     metrics = {k: (np.max if k == "skipped" else np.mean)([float(m[k]) for m in metrics])
                for k in metrics[0]}
     return state, {"metrics": metrics, "samples": samples, "batch": batch,
-                   "rm_score": scored["rm_score"], "kl": seq_kl}
+                   "rm_score": scored["rm_score"], "kl": seq_kl, "gold": gold_scores}
 
   def iteration(self, state, prompts):
     """The loop's step function: one iteration on a batch of prompts, then host metrics."""
@@ -297,7 +298,8 @@ class PPOTrainer:
     else:
       state, out = self.host_iteration(state, ids, mask, gold_of)
     samples, batch = out["samples"], out["batch"]
-    gold = gold_of(samples)
+    gold = out.get("gold")
+    gold = gold_of(samples) if gold is None else gold  # Scored once per iteration.
     tokens, lens = np.asarray(samples.tokens), np.asarray(samples.lengths)
     ended = np.asarray(samples.finished).astype(int)
     responses = [t[:n - e] for t, n, e in zip(tokens, lens, ended)]  # EOS excluded, as in eval.
