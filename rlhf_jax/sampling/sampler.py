@@ -154,6 +154,20 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
   return logits
 
 
+def _inverse_cdf_draw(logits: jax.Array, key: jax.Array) -> jax.Array:
+  """One token per row from softmax(logits) [B, V] by inversion: the first token whose
+  cumulative probability exceeds u ~ U(0, total).
+
+  Exact in distribution (a token of probability 0, e.g. filtered to -inf, can never be drawn:
+  its cumulative value equals its predecessor's). It needs one uniform per row instead of one
+  Gumbel per vocabulary entry, whose generation dominated a small model's decode step on
+  XLA:CPU (2.3 ms of ~6 ms at batch 16, vocab 8192).
+  """
+  cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
+  u = jax.random.uniform(key, (logits.shape[0], 1), jnp.float32) * cdf[:, -1:]
+  return jnp.minimum(jnp.sum(cdf <= u, axis=-1), logits.shape[-1] - 1)
+
+
 def _draw(logits: jax.Array, key: jax.Array, step: jax.Array,
           cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
   """One column: (token [B] int32, its unfiltered temperature-scaled log-prob [B] float32)."""
@@ -166,10 +180,7 @@ def _draw(logits: jax.Array, key: jax.Array, step: jax.Array,
     token = jnp.argmax(sampling, axis=-1)
   else:
     sampling = filter_logits(sampling, cfg.top_k, cfg.top_p)
-    # Gumbel-max, written out: exact, and on XLA:CPU about half the time of
-    # jax.random.categorical for the same draw size (which dominates a small model's step).
-    gumbel = jax.random.gumbel(jax.random.fold_in(key, step), sampling.shape, jnp.float32)
-    token = jnp.argmax(sampling + gumbel, axis=-1)
+    token = _inverse_cdf_draw(sampling, jax.random.fold_in(key, step))
   token = token.astype(jnp.int32)
   logprob = models.token_logprobs(logits[:, None, :], token[:, None], cfg.temperature)[:, 0]
   return token, logprob
