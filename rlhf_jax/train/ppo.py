@@ -272,12 +272,13 @@ class PPOTrainer:
            scored["rm_score"])
     batch, kl = self._batch(state["kl_coef"], ids, mask, samples, scored, raw)
     rows, metrics = ids.shape[0], []
+    host_batch = jax.device_get(batch)  # One transfer per iteration, not one per minibatch.
     for e in range(cfg.epochs):
       order = np.asarray(jax.random.permutation(jax.random.fold_in(shuffle_key, e), rows))
       for start in range(0, rows // cfg.minibatch_size * cfg.minibatch_size,
                          cfg.minibatch_size):
         idx = order[start:start + cfg.minibatch_size]
-        minibatch = parallel.shard_batch(jax.tree.map(lambda x: np.asarray(x)[idx], batch),
+        minibatch = parallel.shard_batch(jax.tree.map(lambda x: x[idx], host_batch),
                                          self.mesh)
         state, m = self._update(state, minibatch)
         metrics.append(m)
