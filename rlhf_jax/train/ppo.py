@@ -212,12 +212,14 @@ class PPOTrainer:
     adv, returns, kl = compute_advantages(batch, kl_coef, cfg)
     return {**batch, "advantages": adv, "returns": returns}, kl
 
-  def _next_kl_coef(self, kl_coef, kl):
-    """KL controller on the observed mean summed per-sequence KL of the rollout."""
+  def _next_kl_coef(self, kl_coef, kl, target=None):
+    """KL controller on the observed mean summed per-sequence KL of the rollout. `target`
+    (e.g. a state's "kl_target", traced, so a vmap can sweep it) overrides cfg.kl_target."""
     cfg = self.cfg
     seq_kl = jnp.mean(jnp.sum(kl, axis=1))
+    target = cfg.kl_target if target is None else target
     return seq_kl, objectives.next_kl_coef(cfg.kl_controller, kl_coef, seq_kl, kl.shape[0],
-                                           target=cfg.kl_target, horizon=cfg.kl_horizon)
+                                           target=target, horizon=cfg.kl_horizon)
 
   @staticmethod
   def _rollout_key(state):
@@ -253,8 +255,8 @@ class PPOTrainer:
       return jax.lax.scan(self._update_fn, state, minibatches)
 
     state, metrics = jax.lax.scan(epoch, state, jnp.arange(cfg.epochs))
-    # KL CONTROLLER
-    seq_kl, state["kl_coef"] = self._next_kl_coef(state["kl_coef"], kl)
+    # KL CONTROLLER (a state may carry its own target: a vmapped sweep over target KL)
+    seq_kl, state["kl_coef"] = self._next_kl_coef(state["kl_coef"], kl, state.get("kl_target"))
     metrics = {k: (jnp.max(v) if k == "skipped" else jnp.mean(v)) for k, v in metrics.items()}
     return state, {"metrics": metrics, "samples": samples, "batch": batch,
                    "rm_score": scored["rm_score"], "kl": seq_kl}
@@ -366,6 +368,35 @@ def run_ppo(config: ml_collections.ConfigDict, workdir: str, *, task, policy, rm
     raise ValueError(f"config.ppo.minibatch_size={cfg.minibatch_size} must divide the "
                      f"{rows} rollouts per iteration (prompts_per_iter x group_size)")
   mesh = parallel.make_mesh(config.mesh.to_dict())
+  trainer, params = make_trainer(config, task, mesh, policy=policy, rm=rm)
+  state = trainer.init_state(params, jax.random.key(config.seed + 6))
+  ppl_fn = (sft_eval_fn(trainer.policy, sft_eval_examples, task.tokenize_config, mesh, 64)
+            if sft_eval_examples else None)
+
+  def eval_fn(params):  # The seed's "perplexity degradation" on held-out SFT data.
+    heldout = ppl_fn(params["policy"])
+    return {"sft_heldout_loss": heldout["eval_loss"],
+            "sft_heldout_perplexity": heldout["eval_perplexity"]}
+
+  with parallel.mesh_context(mesh, config.sharding):
+    state = loop_lib.train_loop(
+        workdir=workdir, state=state, step_fn=trainer.iteration,
+        make_iterator=lambda pos: prompt_iterator(task, config, pos), to_device=lambda b: b,
+        loop=loop_lib.LoopConfig(total_steps=cfg.iterations, log_every=1,
+                                 eval_every=cfg.eval_every,
+                                 checkpoint_every=config.run.checkpoint_every,
+                                 keep_checkpoints=config.run.keep_checkpoints,
+                                 max_nonfinite=config.run.max_nonfinite),
+        extra={"config": config.to_dict()}, eval_fn=eval_fn if ppl_fn else None,
+        desc=cfg.algorithm)
+  return trainer.policy, state["params"]["policy"], {}
+
+
+def make_trainer(config: ml_collections.ConfigDict, task, mesh, *, policy, rm=None):
+  """(PPOTrainer, initial trainable params {"policy", "value"?}) for config.ppo.algorithm from
+  `policy` = (module, SFT params), which is also the reference. The separate value network
+  starts from the reward model's backbone (or the policy's when there is none)."""
+  cfg = config.ppo
   rules = config.sharding
   module, sft_params = policy
   ref_params = sft_params
@@ -392,27 +423,7 @@ def run_ppo(config: ml_collections.ConfigDict, workdir: str, *, task, policy, rm
                        reward_module=rm[0] if rm is not None else None,
                        rm_params=rm[1] if rm is not None and cfg.reward_source == "model"
                        else None)
-  state = trainer.init_state(params, jax.random.key(config.seed + 6))
-  ppl_fn = (sft_eval_fn(trainer.policy, sft_eval_examples, task.tokenize_config, mesh, 64)
-            if sft_eval_examples else None)
-
-  def eval_fn(params):  # The seed's "perplexity degradation" on held-out SFT data.
-    heldout = ppl_fn(params["policy"])
-    return {"sft_heldout_loss": heldout["eval_loss"],
-            "sft_heldout_perplexity": heldout["eval_perplexity"]}
-
-  with parallel.mesh_context(mesh, rules):
-    state = loop_lib.train_loop(
-        workdir=workdir, state=state, step_fn=trainer.iteration,
-        make_iterator=lambda pos: prompt_iterator(task, config, pos), to_device=lambda b: b,
-        loop=loop_lib.LoopConfig(total_steps=cfg.iterations, log_every=1,
-                                 eval_every=cfg.eval_every,
-                                 checkpoint_every=config.run.checkpoint_every,
-                                 keep_checkpoints=config.run.keep_checkpoints,
-                                 max_nonfinite=config.run.max_nonfinite),
-        extra={"config": config.to_dict()}, eval_fn=eval_fn if ppl_fn else None,
-        desc=cfg.algorithm)
-  return trainer.policy, state["params"]["policy"], {}
+  return trainer, params
 
 
 def default_ppo_config() -> ml_collections.ConfigDict:
