@@ -4,7 +4,9 @@ against the reward model; gold reward and KL(π‖π_SFT) of every policy on hel
 
 Each stage writes to its own sub-directory of the workdir and resumes from its checkpoints;
 sampling is a deterministic function of the params and the seed, so a rerun redraws exactly
-the same pairs.
+the same pairs. The run ends with a table (printed, `quickstart_results.md`, and `results.md`
+beside the plot) and `quickstart.png`: gold reward against KL(π‖π_SFT) for every policy, and
+each stage's training curve read back from its `metrics.jsonl`.
 """
 import json
 import os
@@ -99,4 +101,85 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f.write(table + "\n")
     with open(os.path.join(workdir, "quickstart_results.json"), "w") as f:
       json.dump(results, f, indent=2)
+    plot_path = plot_quickstart(results, workdir, dpo_beta=config.dpo.beta)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+      f.write(f"# Quickstart results\n\n{table}\n\n"
+              f"![gold reward vs KL and training curves]({os.path.basename(plot_path)})\n")
+    print(f"wrote {plot_path} and {os.path.join(workdir, 'results.md')}", flush=True)
   return results
+
+
+def read_metrics(path: str) -> list[dict]:
+  """The rows of a stage's metrics.jsonl (one JSON object per logged step), in order."""
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+  """(steps, values) of the rows that logged `key` (eval metrics only appear every few steps)."""
+  pairs = [(r["step"], r[key]) for r in rows if key in r]
+  return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def plot_quickstart(results: dict, workdir: str, *, dpo_beta: float,
+                    filename: str = "quickstart.png") -> str:
+  """Writes workdir/filename: gold reward vs KL(π‖π_SFT) per policy, and training curves.
+
+  Panel 1 is the quickstart's answer (the DPO paper's reward–KL plane): mean gold reward ± s.e.
+  against the Monte-Carlo KL ± s.e. of SFT (KL 0 by definition), DPO and PPO on the same
+  held-out prompts. The others are read back from each stage's metrics.jsonl so they show
+  whether a stage trained at all: SFT loss, reward-model accuracy, DPO's implicit-reward
+  accuracy, and PPO's rollout gold reward, reward-model score and KL per iteration.
+  The figure is drawn on an Agg canvas without pyplot, so no global backend is touched
+  (a notebook importing this keeps its inline backend). Returns the written path.
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  fig = Figure(figsize=(15, 8.5), layout="constrained")
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(2, 3)
+
+  ax = axes[0, 0]
+  policies = [("SFT", results["sft"], "tab:gray"),
+              (f"DPO (β={dpo_beta})", results["dpo"], "tab:blue"),
+              ("PPO (RM reward)", results["ppo"], "tab:orange")]
+  for name, r, color in policies:
+    ax.errorbar(r.get("kl", 0.0), r["gold_reward"], xerr=r.get("kl_stderr", 0.0),
+                yerr=r["gold_reward_stderr"], fmt="o", color=color, capsize=4, label=name)
+  ax.set(xlabel="KL(π‖π_SFT), nats per response", ylabel="gold reward (mean ± s.e.)",
+         title=f"Held-out prompts ({results['sft']['samples']} samples per policy)")
+  ax.legend(loc="best")
+  ax.grid(alpha=0.3)
+
+  def curve(ax, stage, keys, title, ylabel):
+    rows = read_metrics(os.path.join(workdir, stage, "metrics.jsonl"))
+    for key, label in keys:
+      steps, values = _series(rows, key)
+      if steps:
+        ax.plot(steps, values, marker="." if len(steps) < 40 else None, label=label)
+    ax.set(title=title, xlabel="iteration" if stage == "ppo" else "step", ylabel=ylabel)
+    ax.legend(loc="best")
+    ax.grid(alpha=0.3)
+
+  curve(axes[0, 1], "sft", [("loss", "train"), ("eval_loss", "held-out")], "SFT",
+        "next-token NLL")
+  curve(axes[0, 2], "reward", [("accuracy", "train batch"),
+                               ("eval_accuracy", "held-out pairs (gold labels)")],
+        "Reward model", "pairwise accuracy")
+  curve(axes[1, 0], "dpo", [("rewards/accuracies", "train batch"),
+                            ("eval_reward_accuracy", "held-out pairs")],
+        "DPO implicit reward", "pairwise accuracy")
+  curve(axes[1, 1], "ppo", [("gold_reward", "gold reward"), ("rm_score", "RM score")],
+        "PPO rollouts", "mean per response")
+  curve(axes[1, 2], "ppo", [("kl", "KL(π‖π_SFT) of the rollouts")], "PPO KL control",
+        "nats per response")
+  # The adaptive coefficient lives on another scale (~0.05 against KL of a few nats).
+  twin = axes[1, 2].twinx()
+  steps, coef = _series(read_metrics(os.path.join(workdir, "ppo", "metrics.jsonl")), "kl_coef")
+  twin.plot(steps, coef, color="tab:red", linestyle="--", label="KL coefficient (right)")
+  twin.set_ylabel("KL coefficient")
+  twin.legend(loc="lower right")
+  path = os.path.join(workdir, filename)
+  fig.savefig(path, dpi=90)
+  return path
