@@ -108,7 +108,10 @@ def review_world_base(*, size: str = "tiny", runlocal: bool = False) -> ml_colle
   c.seed = 0
   c.model = ml_collections.ConfigDict(dict(size=size, d_model=128, n_layers=2, n_heads=4,
                                            mlp_dim=352, max_len=128))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Total size per axis; dcn: the part of it that spans slices/hosts (pod-shaped meshes,
+  # parallel.make_hybrid_mesh). All ones: a plain mesh.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1,
+                                          dcn=dict(data=1, fsdp=1, tensor=1)))
   c.sharding = "fsdp"
   c.task = ml_collections.ConfigDict(dict(
       kind="review_world", world_seed=0, n_sft=20_000, n_eval=500,
@@ -116,8 +119,13 @@ def review_world_base(*, size: str = "tiny", runlocal: bool = False) -> ml_colle
       n_pairs=10_000, n_eval_pairs=1_000, k=4, label_temperature=0.0))
   c.run = ml_collections.ConfigDict(dict(log_every=10, checkpoint_every=100,
                                          keep_checkpoints=2, max_nonfinite=5))
+  # Multi-host (parallel.distributed.initialize): off unless a coordinator is given here or in
+  # $RLHF_JAX_COORDINATOR, or enabled=True (JAX detects the cluster: TPU pod, SLURM, ...).
   c.distributed = ml_collections.ConfigDict(dict(
-      enabled=False, coordinator_address="", num_processes=1, process_id=0, timeout_s=300))
+      enabled=False, coordinator_address="", num_processes=1, process_id=0,
+      initialization_timeout=300))
+  # LoRA adapters for the DPO and PPO policies (models/lora.py): rank 0 = full fine-tuning.
+  c.lora = models.lora.default_config()
   if runlocal:
     c.task.n_sft, c.task.n_eval = 4_000, 200
     c.task.n_pairs, c.task.n_eval_pairs = 2_000, 200

@@ -1,16 +1,16 @@
 """Entry point: python -m rlhf_jax.main --config=experiments/quickstart.py:runlocal --workdir=DIR
 
-Thin by design (flax lm1b): flags, optional jax.distributed set-up, then the stage's run
-function. Everything else lives in importable libraries that colabs and tests call directly.
+Thin by design (flax lm1b): flags, multi-host set-up (parallel.distributed.initialize), then
+the stage's run function. Everything else lives in importable libraries that colabs and tests call directly.
 """
 import json
 import os
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from rlhf_jax import configs
+from rlhf_jax.parallel import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].",
                                           lock_config=True)
@@ -20,22 +20,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def stages():
   """Stage name -> run(config, workdir). Imported lazily: a stage pulls in only what it needs."""
-  from rlhf_jax.train import ppo, preference, quickstart, reward, sft
+  from rlhf_jax.train import ppo, preference, quickstart, reproductions, reward, sft
   return {"sft": sft.run_sft, "reward": reward.run_reward, "dpo": preference.run_pipeline,
-          "ppo": ppo.run_pipeline, "quickstart": quickstart.run}
-
-
-def maybe_initialize_distributed(config) -> None:
-  """Multi-host: explicit coordinator from config, or JAX's cluster auto-detection."""
-  dist = config.get("distributed")
-  if dist is None or not dist.enabled:
-    return
-  if dist.coordinator_address:
-    jax.distributed.initialize(coordinator_address=dist.coordinator_address,
-                               num_processes=dist.num_processes, process_id=dist.process_id,
-                               initialization_timeout=dist.timeout_s)
-  else:
-    jax.distributed.initialize(initialization_timeout=dist.timeout_s)
+          "ppo": ppo.run_pipeline, "quickstart": quickstart.run,
+          "frontier": reproductions.run_frontier, "critic_free": reproductions.run_critic_free}
 
 
 def main(argv):
@@ -43,14 +31,15 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config, workdir = _CONFIG.value, _WORKDIR.value
   configs.check_required(config)
-  maybe_initialize_distributed(config)
+  # Before anything touches a JAX backend: joining a multi-process job must come first.
+  distributed.initialize(config.get("distributed"))
   run_fns = stages()
   if config.stage not in run_fns:
     raise app.UsageError(f"config.stage={config.stage!r}; expected one of {sorted(run_fns)}")
   os.makedirs(workdir, exist_ok=True)
   logging.info("config:\n%s", config)
-  print(config, flush=True)
-  if jax.process_index() == 0:
+  if distributed.is_main_process():
+    print(config, flush=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(config.to_dict(), f, indent=2, default=str)
   run_fns[config.stage](config, workdir)

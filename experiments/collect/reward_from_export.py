@@ -42,7 +42,8 @@ def get_config(arg=None):
   c.run = ml_collections.ConfigDict(dict(log_every=10, checkpoint_every=100,
                                          keep_checkpoints=2, max_nonfinite=5))
   c.distributed = ml_collections.ConfigDict(dict(
-      enabled=False, coordinator_address="", num_processes=1, process_id=0, timeout_s=300))
+      enabled=False, coordinator_address="", num_processes=1, process_id=0,
+      initialization_timeout=300))
   if arg.runlocal:  # Seconds: a smoke run of the same stage.
     c.model.update(d_model=32, n_layers=1, n_heads=2, mlp_dim=64)
     c.reward.steps, c.reward.eval_every, c.reward.batch_size = 5, 5, 8

@@ -8,7 +8,6 @@ import functools
 import math
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -62,14 +61,17 @@ def sample_responses(module, params, prompt_ids, *, k: int, sampling_cfg: sampli
       chunk = rows[start:start + batch]
       n = len(chunk)
       ids, mask = left_pad(chunk + [chunk[-1]] * (batch - n), prompt_len, pad_id)
-      ids, mask = parallel.shard_batch((ids, mask), mesh)
+      # Every process holds every prompt, feeds its devices' rows, and gets every row back.
+      ids, mask = parallel.distributed.shard_global((ids, mask), mesh)
       out = sampling.generate(module, params, ids, mask, jax.random.fold_in(key, b),
                               sampling_cfg)
-      tokens.append(np.asarray(out.tokens)[:n])
-      finished.append(np.asarray(out.finished)[:n])
-      logps.append(np.asarray(jnp.sum(out.logprobs * out.response_mask, axis=1))[:n])
+      host = parallel.distributed.gather(out)
+      tokens.append(host.tokens[:n])
+      finished.append(host.finished[:n])
+      logps.append(np.sum(host.logprobs * host.response_mask, axis=1)[:n])
       if ref_params is not None:
-        ref_logps.append(np.asarray(ref_fn(ref_params, ids, mask, out).sum(axis=1))[:n])
+        ref_logps.append(parallel.distributed.gather(ref_fn(ref_params, ids, mask, out))
+                         .sum(axis=1)[:n])
   shape = (len(prompt_ids), k)
   cat = lambda xs: np.concatenate(xs).reshape(*shape, *np.concatenate(xs).shape[1:])
   return (cat(tokens), cat(finished), cat(logps),

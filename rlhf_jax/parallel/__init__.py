@@ -1,5 +1,7 @@
-"""Meshes, logical-axis-rule presets, sharded init and batch placement."""
-from rlhf_jax.parallel.mesh import make_mesh, mesh_shape
+"""Meshes, logical-axis-rule presets, sharded init, batch placement and multi-host helpers."""
+from rlhf_jax.parallel import distributed
+from rlhf_jax.parallel.mesh import (check_tensor_groups_local, hybrid_shapes, make_hybrid_mesh,
+                                    make_mesh, mesh_shape)
 from rlhf_jax.parallel.rules import MESH_AXES, PRESETS, axis_rules
 from rlhf_jax.parallel.sharding import (abstract_params, batch_sharding, init_params,
                                         logical_to_shardings, mesh_context, param_shardings,

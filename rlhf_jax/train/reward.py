@@ -136,10 +136,14 @@ def bootstrap_sources(examples, k: int, seed: int):
 
 
 def shard_members(batch, mesh):
-  """[k, B, ...] arrays: members replicated, pairs split over data x fsdp."""
+  """[k, B, ...] arrays: members replicated, pairs split over data x fsdp. Multi-host: B is
+  this process's share (its slice of the stream), assembled into the global batch."""
   def put(x):
-    return jax.device_put(x, NamedSharding(mesh, P(None, parallel.sharding.BATCH_AXES,
-                                                   *(None,) * (x.ndim - 2))))
+    sharding = NamedSharding(mesh, P(None, parallel.sharding.BATCH_AXES,
+                                     *(None,) * (x.ndim - 2)))
+    if jax.process_count() > 1:
+      return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+    return jax.device_put(x, sharding)
   return jax.tree.map(put, batch)
 
 
@@ -166,7 +170,7 @@ def score_sequences(module, params, ids: np.ndarray, mask: np.ndarray, mesh,
     if short:
       i = np.concatenate([i, np.zeros((short, i.shape[1]), i.dtype)])
       m = np.concatenate([m, np.zeros((short, m.shape[1]), m.dtype)])
-    r = np.asarray(fn(params, *parallel.shard_batch((i, m), mesh)))
+    r = parallel.distributed.gather(fn(params, *parallel.distributed.shard_global((i, m), mesh)))
     out.append(r[:, :batch_size - short])
   return np.concatenate(out, axis=1)
 
@@ -213,7 +217,9 @@ def run_reward(config: ml_collections.ConfigDict, workdir: str, *, task=None, ba
   sources = bootstrap_sources(train_pairs, cfg.ensemble_size, config.seed)
   collate = lambda exs: data.pad_preferences(exs, tok.max_prompt_len, tok.max_response_len,
                                              tok.pad_id)
-  batcher = data.PaddedBatcher(cfg.batch_size, collate)
+  # Each process collates its share of the global batch from its slice of the stream.
+  batcher = data.PaddedBatcher(
+      parallel.distributed.local_batch_size(cfg.batch_size, "config.reward.batch_size"), collate)
 
   def make_iterator(position):
     return EnsembleIterator([data.DataIterator(src, batcher, seed=config.seed + i,

@@ -57,7 +57,8 @@ def make_eval_fn(module, examples, tok_cfg: data.TokenizeConfig, mesh, batch_siz
   def eval_fn(params):
     total, count = 0.0, 0.0
     for arrays in batches:
-      nll, n = nll_sums(params, parallel.shard_batch(arrays, mesh))
+      # Every process holds every batch and feeds its devices' rows; the sums are replicated.
+      nll, n = nll_sums(params, parallel.distributed.shard_global(arrays, mesh))
       total, count = total + float(nll), count + float(n)
     loss = total / max(count, 1.0)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
@@ -85,7 +86,11 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str):
   train = task_lib.sft_examples(task, config.task, "train")
   heldout = task_lib.sft_examples(task, config.task, "eval")
   tok = task.tokenize_config
-  batcher = data.PackedBatcher(data.pack_sft, rows=cfg.rows, length=cfg.length,
+  # config.sft.rows is global: each process packs its share from its slice of the stream.
+  batcher = data.PackedBatcher(data.pack_sft,
+                               rows=parallel.distributed.local_batch_size(cfg.rows,
+                                                                          "config.sft.rows"),
+                               length=cfg.length,
                                pad_id=tok.pad_id, max_sequences=cfg.max_sequences)
 
   def make_iterator(position):
