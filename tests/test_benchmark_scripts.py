@@ -1,0 +1,62 @@
+"""The benchmark scripts run end to end and print the JSON fields the report reads.
+
+Smoke tests with shrunken shapes, in subprocesses (the scripts are entry points, and gpu.sh is
+a shell script): they check structure and the built-in parity checks, never speed.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT, run_python
+
+
+def _json_lines(stdout: str) -> list[dict]:
+  return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def test_compare_quick_prints_one_line_per_workload():
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  out = _json_lines(run_python(
+      ["benchmarks/compare.py", "--quick", "--n-layers", "1", "--pairs", "2", "--prompt", "16", "--response", "16",
+       "--batch", "2", "--prompt-len", "8", "--new-tokens", "8"], timeout=300))
+  assert [(r["workload"], r["model"]) for r in out] == [("W1", "tiny"), ("W2", "tiny"),
+                                                        ("W3", "tiny")]
+  for r in out:
+    assert r["rounds"] == 1 and len(r["ours_rounds_s"]) == len(r["theirs_rounds_s"]) == 1
+    assert r["ours_s"] > 0 and r["theirs_s"] > 0 and r["flops"] > 0
+    assert r["speedup"] == pytest.approx(r["theirs_s"] / r["ours_s"], rel=0.05)
+    assert r["ours_fraction_of_peak"] == pytest.approx(
+        r["ours_gflops"] / r["peak_gflops"], abs=2e-3)
+    assert r["target_met"] is None  # Targets apply to `small` only.
+    assert r["torch_threads"] == 2 and r["n_layers_override"] == 1
+  w1, w2, w3 = out
+  # The scripts refuse to time different computations; the losses they compared are reported.
+  for r in (w1, w2):
+    assert r["first_loss_ours"] == pytest.approx(r["first_loss_torch"], rel=1e-4, abs=1e-4)
+    assert r["flops_source"] == "xla_cost_analysis"
+  assert w3["hf_logits_max_abs_diff"] < 1e-3
+  assert w3["new_tokens"] == 8 and w3["ours_new_tokens_per_s"] > 0
+
+
+def test_gpu_script_tiny_cpu_mode():
+  env = dict(os.environ, GPU_SH_TINY="1", PYTHON=sys.executable, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(["bash", "benchmarks/gpu.sh"], cwd=REPO_ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  out = _json_lines(proc.stdout)
+  kinds = [r["benchmark"] for r in out]
+  assert kinds == ["gpu_dpo_step", "gpu_memory", "gpu_generate", "gpu_memory"]
+  dpo, mem, gen, whole = out
+  assert all(r["model"] == "tiny" and r["tiny_mode"] for r in out)
+  assert dpo["step_s"] > 0 and dpo["flops_xla"] > 0 and dpo["flops_6n_plus_attention"] > 0
+  # XLA's count and the analytic 6N + attention count agree to within the softmax, norms and
+  # optimiser FLOPs that the analytic one leaves out.
+  assert dpo["flops_xla"] == pytest.approx(dpo["flops_6n_plus_attention"], rel=0.3)
+  assert 0 < dpo["mfu_xla_flops"] and 0 < dpo["mfu_6n"]
+  assert mem["memory_analysis"]["temp_size_in_bytes"] > 0
+  assert gen["new_tokens_per_s"] > 0 and gen["new_tokens"] == 16
+  assert whole["params_bytes"] == 4 * dpo["params"]
