@@ -109,9 +109,9 @@ def collectives(hlo: str, params) -> dict:
   full = {f"f32[{','.join(map(str, x.shape))}]" for x in sharded}
   reduced = []
   for line in hlo.splitlines():
-    m = re.search(r"=\s*(\(?[^=]*?\)?)\s+all-reduce(?:-start)?\(", line)
-    if m:
-      reduced += re.findall(r"f32\[[\d,]*\]", m.group(1))
+    m = re.search(r" all-reduce(?:-start)?\(", line)
+    if m and " = " in line[:m.start()]:  # The result type, e.g. (f32[64,32]{1,0}, f32[]).
+      reduced += re.findall(r"f32\[[\d,]*\]", line[:m.start()].split(" = ", 1)[1])
   return {"all_gather": count("all-gather"), "reduce_scatter": count("reduce-scatter"),
           "all_reduce": count("all-reduce"), "dynamic_slice": count("dynamic-slice"),
           "sharded_params": len(sharded), "param_leaves": len(jax.tree.leaves(params)),
