@@ -1,0 +1,283 @@
+"""Sweeps that cost one compile, and the gold-reward-vs-KL curves they trace.
+
+A sweep over one scalar hyperparameter (DPO's β, PPO's target KL) stacks one train state per
+value on a leading axis and vmaps the step over it (purejaxrl style): every member sees the
+same batches, so the members differ only by the swept value, and the whole sweep is one
+program. Every few steps each member's policy is sampled on held-out prompts and measured
+(gold reward, Monte-Carlo KL(π‖π_SFT)), giving one curve per run, as in the reward–KL frontier
+of Rafailov et al. 2023 (arXiv:2305.18290, Fig. 2).
+
+Curves are lists of points {"step", "gold_reward", "gold_reward_stderr", "kl", "kl_stderr",
+...}; a point at step 0 is the SFT policy itself (KL 0).
+"""
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from rlhf_jax import data, objectives, parallel, sampling
+from rlhf_jax import eval as eval_lib
+from rlhf_jax.train import optim, state as state_lib, step as step_lib
+from rlhf_jax.train import ppo as ppo_lib
+from rlhf_jax.train import preference as preference_lib
+from rlhf_jax.train.reward import ensemble_rewards
+
+Evaluate = Callable[[object], dict[str, float]]  # policy params -> metrics.
+
+
+def stack_trees(trees):
+  """One tree with a new leading axis over `trees` (identical structure)."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def member(tree, i: int):
+  """Member i of a stacked tree."""
+  return jax.tree.map(lambda x: x[i], tree)
+
+
+def make_policy_evaluator(config: ml_collections.ConfigDict, task, mesh, module, ref_params,
+                          *, seed: int = 12) -> Evaluate:
+  """params -> gold reward and KL(π‖π_ref) of config.eval.k samples on each of
+  config.eval.prompts held-out prompts. The prompts and the sampling key are fixed, so every
+  point of every curve is measured with the same random numbers (common random numbers make
+  the comparison between runs less noisy than independent draws would)."""
+  prompts = task.world.sample_prompts(config.eval.prompts, seed=seed)
+  key = jax.random.key(config.seed + 4)
+
+  def evaluate(params):
+    out = eval_lib.evaluate_policy(module, params, prompts, world=task.world,
+                                   cfg=config.sampling, tok=task.tokenize_config, mesh=mesh,
+                                   rules=config.sharding, key=key, ref_params=ref_params,
+                                   k=config.eval.k)
+    return {k: out[k] for k in ("gold_reward", "gold_reward_stderr", "kl", "kl_stderr",
+                                "eos_fraction", "response_length")}
+  return evaluate
+
+
+def _due(step: int, every: int, last: int) -> bool:
+  return step == 0 or step == last or (every > 0 and step % every == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# DPO over β: one vmapped step
+# ---------------------------------------------------------------------------------------------
+
+def beta_loss_fn(module, cfg: ml_collections.ConfigDict, prompt_len: int):
+  """preference_lib.preference_loss_fn with β read from the state ("beta", a traced scalar)
+  instead of the config, so that a vmap over stacked states sweeps it. The reference is the
+  frozen "ref" entry (config.dpo.reference = "model")."""
+  hparams = {k: cfg[k] for k in preference_lib.LOSS_HPARAMS.get(cfg.loss, ())}
+  logps_of = lambda p, b: preference_lib.pair_logps(module, p, b, prompt_len=prompt_len,
+                                                    shared_prefix=cfg.shared_prefix)
+
+  def loss_fn(params, batch, rng, ref, beta):
+    del rng
+    s_c, s_r, n_c, n_r = logps_of(params, batch)
+    ref_c, ref_r, _, _ = jax.lax.stop_gradient(logps_of(ref, batch))
+    logps = objectives.PreferenceLogps(policy_chosen=s_c, policy_rejected=s_r, ref_chosen=ref_c,
+                                       ref_rejected=ref_r, chosen_tokens=n_c,
+                                       rejected_tokens=n_r)
+    losses, metrics = objectives.preference_loss(cfg.loss, logps, beta=beta,
+                                                 nll_weight=cfg.nll_weight, **hparams)
+    pairs = jnp.asarray(losses.shape[0], jnp.float32)
+    return jnp.sum(losses), (pairs, {k: v * pairs for k, v in metrics.items()})
+  return loss_fn
+
+
+def dpo_beta_sweep(config: ml_collections.ConfigDict, *, task, mesh, module, sft_params,
+                   train_pairs, betas, evaluate: Evaluate | None = None, eval_every: int = 0,
+                   ) -> tuple[object, list[list[dict]]]:
+  """DPO from the SFT policy at every β of `betas` at once: config.dpo.steps vmapped steps on
+  the batches run_preference would draw (same seed, same order), one compile.
+
+  Returns (stacked final params [len(betas), ...], one curve per β): `evaluate` runs on each
+  member at step 0, every `eval_every` steps and at the end.
+  """
+  cfg = config.dpo
+  if cfg.loss not in objectives.PREFERENCE_LOSSES or cfg.reference != "model":
+    raise ValueError(f"the β sweep needs a paired loss with a reference model; got "
+                     f"config.dpo.loss={cfg.loss!r}, config.dpo.reference={cfg.reference!r}")
+  if cfg.ref_sync_every:
+    raise ValueError("config.dpo.ref_sync_every (TR-DPO) is not supported by the β sweep")
+  tok, n = task.tokenize_config, len(betas)
+  tx, _ = optim.make_optimizer(cfg.optim, cfg.steps)
+  # As run_preference: a copy of the SFT params (the first step donates them), same rng.
+  one = state_lib.state_from_params(jax.tree.map(jnp.copy, sft_params), tx,
+                                    jax.random.key(config.seed + 3), mesh, config.sharding)
+  # The reference is a copy too: the state (and so its "ref" entry) is donated to each step.
+  state = {**stack_trees([one] * n), "ref": jax.tree.map(jnp.copy, sft_params),
+           "beta": jnp.asarray(betas, jnp.float32)}
+  step = step_lib.make_train_step(beta_loss_fn(module, cfg, tok.max_prompt_len), tx,
+                                  accum_steps=cfg.optim.accum_steps,
+                                  state_extra=("ref", "beta"))
+  axes = {k: (None if k == "ref" else 0) for k in state}  # One reference for all members.
+  sweep_step = jax.jit(jax.vmap(step, in_axes=(axes, None), out_axes=(axes, 0)),
+                       donate_argnums=0)
+  batcher = data.PaddedBatcher(cfg.batch_size, lambda idx: preference_lib.collate_pairs(
+      [train_pairs[i] for i in idx], tok, cfg.shared_prefix))
+  # Indices as the data source: the same permutation as run_preference's _IndexedPairs.
+  iterator = data.DataIterator(range(len(train_pairs)), batcher, seed=config.seed, position=0)
+  curves = [[] for _ in range(n)]
+
+  def record(step_i, metrics=None):
+    for i in range(n):
+      point = {"step": step_i, "beta": float(betas[i])}
+      if metrics is not None:
+        point["train_loss"] = float(metrics["loss"][i])
+      point.update(evaluate(member(state["params"], i)))
+      curves[i].append(point)
+    logging.info("dpo β sweep step %d: %s", step_i,
+                 [(c[-1]["beta"], round(c[-1]["gold_reward"], 4), round(c[-1]["kl"], 3))
+                  for c in curves])
+
+  with parallel.mesh_context(mesh, config.sharding):
+    if evaluate is not None:
+      record(0)
+    for s in range(1, cfg.steps + 1):
+      state, metrics = sweep_step(state, parallel.shard_batch(next(iterator), mesh))
+      if evaluate is not None and _due(s, eval_every, cfg.steps):
+        record(s, jax.device_get(metrics))
+  return state["params"], curves
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO over stacked states (target KL, seeds): the fused iteration, vmapped
+# ---------------------------------------------------------------------------------------------
+
+def ppo_sweep(trainer: ppo_lib.PPOTrainer, params, *, task, config: ml_collections.ConfigDict,
+              kl_targets=None, seeds=None, evaluate: Evaluate | None = None,
+              eval_every: int = 0) -> tuple[object, list[list[dict]]]:
+  """config.ppo.iterations fused PPO/GRPO/RLOO iterations of several members at once (one
+  compile): member i has target KL kl_targets[i] (a "kl_target" state entry read by the KL
+  controller) and/or state seed seeds[i]; all see the same prompt batches.
+
+  Returns (stacked final params, one curve per member); each point also has the rollout's
+  mean reward-model score, observed KL and KL coefficient of that iteration.
+  """
+  if not trainer.cfg.fused and trainer.cfg.reward_source != "model":
+    raise ValueError("ppo_sweep vmaps the fused iteration: it needs reward_source='model'")
+  n = len(kl_targets if kl_targets is not None else seeds)
+  seeds = seeds if seeds is not None else [config.seed + 6] * n
+  states = []
+  for i in range(n):
+    s = trainer.init_state(jax.tree.map(jnp.copy, params), jax.random.key(seeds[i]))
+    if kl_targets is not None:
+      s["kl_target"] = jnp.asarray(kl_targets[i], jnp.float32)
+    states.append(s)
+  state = stack_trees(states)
+  fused = jax.jit(jax.vmap(trainer.fused_iteration, in_axes=(0, None, None, None, None)),
+                  donate_argnums=0)
+  prompts = ppo_lib.prompt_iterator(task, config, 0)
+  curves = [[] for _ in range(n)]
+  last = trainer.cfg.iterations
+
+  def record(it, out=None):
+    for i in range(n):
+      point = {"step": it}
+      if kl_targets is not None:
+        point["kl_target"] = float(kl_targets[i])
+      if out is not None:
+        point.update(rm_score=float(jnp.mean(out["rm_score"][i])), train_kl=float(out["kl"][i]),
+                     kl_coef=float(state["kl_coef"][i]))
+      if evaluate is not None:
+        point.update(evaluate(member(state["params"]["policy"], i)))
+      curves[i].append(point)
+
+  with parallel.mesh_context(trainer.mesh, trainer.rules):
+    record(0)
+    for it in range(1, last + 1):
+      batch = next(prompts)
+      ids, mask = parallel.shard_batch((batch["ids"], batch["mask"]), trainer.mesh)
+      state, out = fused(state, ids, mask, trainer.ref_params, trainer.rm_params)
+      if _due(it, eval_every, last):
+        record(it, out)
+        logging.info("ppo sweep iteration %d: %s", it, [
+            (c[-1].get("kl_target"), round(c[-1].get("gold_reward", np.nan), 4),
+             round(c[-1].get("kl", np.nan), 3), round(c[-1]["kl_coef"], 4)) for c in curves])
+  return state["params"], curves
+
+
+def ppo_with_curve(trainer: ppo_lib.PPOTrainer, params, *, task,
+                   config: ml_collections.ConfigDict, evaluate: Evaluate | None = None,
+                   eval_every: int = 0, seed: int | None = None
+                   ) -> tuple[object, list[dict], dict]:
+  """One run of trainer.iteration (fused or host-driven, any reward source, e.g. the gold
+  reward) for config.ppo.iterations, evaluated on the schedule. Returns (final state, curve,
+  timing): timing["train_s"] is the wall time of the iterations alone (evaluation excluded,
+  the first iteration's compile included) and timing["iteration_s"] the median iteration."""
+  state = trainer.init_state(jax.tree.map(jnp.copy, params),
+                             jax.random.key(config.seed + 6 if seed is None else seed))
+  prompts = ppo_lib.prompt_iterator(task, config, 0)
+  curve, times, last = [], [], trainer.cfg.iterations
+  with parallel.mesh_context(trainer.mesh, trainer.rules):
+    if evaluate is not None:
+      curve.append({"step": 0, **evaluate(state["params"]["policy"])})
+    for it in range(1, last + 1):
+      start = time.perf_counter()
+      state, metrics = trainer.iteration(state, next(prompts))  # Host floats: synchronous.
+      times.append(time.perf_counter() - start)
+      if evaluate is not None and _due(it, eval_every, last):
+        point = {"step": it, "rm_score": metrics["rm_score"], "train_kl": metrics["kl"],
+                 "kl_coef": metrics["kl_coef"]}
+        if "gold_reward" in metrics:
+          point["train_gold_reward"] = metrics["gold_reward"]
+        curve.append({**point, **evaluate(state["params"]["policy"])})
+        logging.info("%s iteration %d: %s", trainer.cfg.algorithm, it, curve[-1])
+  timing = {"train_s": float(np.sum(times)), "iteration_s": float(np.median(times)),
+            "first_iteration_s": float(times[0])}
+  return state, curve, timing
+
+
+def compiled_memory(trainer: ppo_lib.PPOTrainer, state, prompts) -> dict[str, int]:
+  """XLA's memory analysis of the compiled fused iteration (bytes): arguments, outputs,
+  temporaries, and peak = arguments + outputs + temporaries − aliased (donated) bytes."""
+  ids, mask = parallel.shard_batch((prompts["ids"], prompts["mask"]), trainer.mesh)
+  with parallel.mesh_context(trainer.mesh, trainer.rules):
+    compiled = jax.jit(trainer.fused_iteration, donate_argnums=0).lower(
+        state, ids, mask, trainer.ref_params, trainer.rm_params).compile()
+  m = compiled.memory_analysis()
+  out = {"argument_bytes": int(m.argument_size_in_bytes),
+         "output_bytes": int(m.output_size_in_bytes),
+         "temp_bytes": int(m.temp_size_in_bytes), "alias_bytes": int(m.alias_size_in_bytes)}
+  out["peak_bytes"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
+                       - out["alias_bytes"])
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Best-of-n against a reward model
+# ---------------------------------------------------------------------------------------------
+
+def best_of_n_pool(config: ml_collections.ConfigDict, task, mesh, module, params, rm, *,
+                   n_prompts: int, pool: int, seed: int = 12) -> tuple[np.ndarray, np.ndarray]:
+  """`pool` samples of the policy for each of n_prompts held-out prompts, scored by the reward
+  model (ensemble mean) and by the gold reward: (proxy [n_prompts, pool], gold [same])."""
+  world, tok, cfg = task.world, task.tokenize_config, config.sampling
+  rm_module, rm_params = rm
+  sampling_cfg = sampling.SamplingConfig(max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_id,
+                                         pad_id=tok.pad_id, temperature=cfg.temperature)
+  prompt_ids = [world.encode(p) for p in world.sample_prompts(n_prompts, seed=seed)]
+  rows = [p for p in prompt_ids for _ in range(pool)]
+  batch = max(cfg.batch_size // mesh.size, 1) * mesh.size
+  score = jax.jit(lambda p, i, m, s: jnp.mean(
+      ensemble_rewards(rm_module, p, *sampling.sequences(i, m, s)), axis=0))
+  key = jax.random.key(config.seed + 7)
+  proxy, gold = [], []
+  with parallel.mesh_context(mesh, config.sharding):
+    for b, start in enumerate(range(0, len(rows), batch)):
+      chunk = rows[start:start + batch]
+      ids, mask = eval_lib.left_pad(chunk + [chunk[-1]] * (batch - len(chunk)),
+                                    tok.max_prompt_len, tok.pad_id)
+      ids_d, mask_d = parallel.shard_batch((ids, mask), mesh)
+      samples = sampling.generate(module, params, ids_d, mask_d, jax.random.fold_in(key, b),
+                                  sampling_cfg)
+      proxy.append(np.asarray(score(rm_params, ids_d, mask_d, samples))[:len(chunk)])
+      tokens = list(np.asarray(samples.tokens)[:len(chunk)])
+      gold.append(world.score_ids(chunk, tokens).reward)
+  shape = (n_prompts, pool)
+  return (np.concatenate(proxy).reshape(shape).astype(np.float64),
+          np.concatenate(gold).reshape(shape).astype(np.float64))
