@@ -14,6 +14,9 @@ def test_quickstart_runlocal_end_to_end(tmp_path):
   assert "| RM | held-out accuracy vs gold labels" in out
   assert "| PPO | KL(π‖π_SFT)" in out and "| DPO | KL(π‖π_SFT)" in out
   assert (tmp_path / "quickstart_results.md").read_text().startswith("| stage |")
+  # The plot (gold reward vs KL, training curves) and the report that embeds it.
+  assert (tmp_path / "quickstart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "](quickstart.png)" in (tmp_path / "results.md").read_text()
   assert json.loads((tmp_path / "config.json").read_text())["stage"] == "quickstart"
   # 40 SFT steps already beat a uniform guess over the 274-word vocabulary by far.
   assert results["sft"]["eval_perplexity"] < 60
