@@ -12,7 +12,9 @@ Stages (each resumable in its own sub-directory of the workdir):
   5. PPO from the SFT policy against the reward model (value net from its backbone, adaptive KL).
 Prints and writes (quickstart_results.md/.json) a table: SFT, DPO and PPO gold reward (mean ±
 s.e. over 512 samples on held-out prompts), DPO's and PPO's Monte-Carlo KL(π‖π_SFT), and the
-reward model's held-out accuracy against gold labels on pairs from fresh prompts.
+reward model's held-out accuracy against gold labels on pairs from fresh prompts; and a plot,
+quickstart.png (gold reward vs KL per policy with error bars, every stage's training curve),
+with results.md (the table and the plot). A committed run: experiments/results/quickstart/.
 Expected cost: about 1.5 minutes on a quiet 2-core CPU (96 s measured; runlocal: under a minute).
 """
 from rlhf_jax import configs
