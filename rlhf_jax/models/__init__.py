@@ -5,3 +5,5 @@ from rlhf_jax.models.layout import KVCache, last_token_index
 from rlhf_jax.models.model import build_model, init_cache, transfer_backbone
 from rlhf_jax.models.transformer import ROLES, Transformer
 from rlhf_jax.models.hf import HFCheckpointError, config_from_hf, config_to_hf, load_hf, save_hf
+from rlhf_jax.models import lora
+from rlhf_jax.models.lora import LoRAConfig, apply_lora, init_lora, merge_lora
