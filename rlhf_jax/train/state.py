@@ -11,12 +11,23 @@ from rlhf_jax import parallel
 State = dict[str, Any]
 
 
+def opt_shardings(tx: optax.GradientTransformation, params, mesh: Mesh):
+  """Shardings of tx.init(params) (params: arrays or ShapeDtypeStructs with shardings): the
+  params-shaped moments shard like the params, the rest (step counts) is replicated. A plain
+  jit(tx.init) replicates the moments: zeros_like's outputs do not inherit the inputs'
+  shardings, which would keep a full copy of every moment on each device under FSDP."""
+  replicated = NamedSharding(mesh, P())
+  return optax.tree_map_params(tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params),
+                               jax.tree.map(lambda x: x.sharding, params),
+                               transform_non_params=lambda _: replicated)
+
+
 def state_from_params(params, tx: optax.GradientTransformation, rng: jax.Array, mesh: Mesh,
                       rules) -> State:
   """A fresh state around existing (sharded) params: optimiser state born on the mesh."""
   replicated = NamedSharding(mesh, P())
   with parallel.mesh_context(mesh, rules):
-    opt = jax.jit(tx.init)(params)  # Moments follow the params' shardings.
+    opt = jax.jit(tx.init, out_shardings=opt_shardings(tx, params, mesh))(params)
   return {"params": params, "opt": opt,
           "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
           "rng": jax.device_put(jax.random.key_data(rng), replicated)}
