@@ -21,8 +21,9 @@ def test_memory_plan_compiles_every_step_and_writes_its_section(tmp_path):
                                 + r["temp_bytes"] + r["generated_code_bytes"])
   for full, lora in (rows[:2], rows[2:]):
     # Full fine-tuning's arguments hold params + 2 Adam moments (+ the DPO reference), each
-    # sharded over 8 devices; LoRA's hold the base once plus small adapters.
-    assert full["argument_bytes"] > 3 * 4 * full["params"] / 8
+    # sharded over 8 devices (a little is replicated); LoRA's hold the base once plus small
+    # adapters.
+    assert 3 * 4 * full["params"] / 8 < full["argument_bytes"] < 5 * 4 * full["params"] / 8 * 1.5
     assert lora["trainable_params"] < full["params"] / 4
     assert lora["total_bytes"] < full["total_bytes"]
   text = results.read_text()
