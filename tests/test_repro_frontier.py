@@ -127,8 +127,7 @@ def test_ppo_target_kl_sweep_equals_separate_runs():
   rm_params = reward_lib.init_ensemble(rm_module, jax.random.split(jax.random.key(1), 1), mesh,
                                        "fsdp")
   # Far below and far above the observed KL. Iteration 1's KL is exactly 0 (policy = reference),
-  # so both lower the coefficient alike; from iteration 2 on they part, and iteration 3's
-  # rewards (hence its update) see different coefficients.
+  # so both lower the coefficient alike; they part once an iteration observes a positive KL.
   targets = [1e-6, 50.0]
   trainer, params = ppo_lib.make_trainer(config, task, mesh, policy=(policy, sft),
                                          rm=(rm_module, rm_params))
@@ -137,8 +136,9 @@ def test_ppo_target_kl_sweep_equals_separate_runs():
   assert [p["step"] for p in curves[0]] == [0, 1, 2, 3]
   coefs = [c[-1]["kl_coef"] for c in curves]
   assert coefs[0] != coefs[1]
-  a, b = (jax.tree.leaves(sweep.member(swept, i)) for i in (0, 1))
-  assert any(not np.allclose(x, y) for x, y in zip(a, b))  # The comparison below can fail.
+  # The coefficients differ; each is checked against a separate run below (rtol 1e-5). The
+  # params of the two members can still agree here: iteration 2's k1 KL may be <= 0, when both
+  # controllers lower the coefficient alike and only iteration 3's update tells them apart.
   for i, target in enumerate(targets):
     c = config.copy_and_resolve_references()
     c.ppo.kl_target = target
