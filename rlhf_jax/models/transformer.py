@@ -85,6 +85,46 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
   return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
+QUERY_BLOCK = 128  # Query rows per block in causal_attention (sequences of >= 2 blocks).
+
+
+def causal_attention(q, k, v, bias, scale: float, dtype, query_block: int = QUERY_BLOCK):
+  """Whole-sequence attention [B, T, H, D] x [B, T, KV, D] -> [B, T, H, D], for a `bias`
+  [B, 1, T, T] that is causal (every layout.full_layout bias is: keys after a query are
+  masked, whatever the padding, segments or prefix sharing).
+
+  Same numerics as jax.nn.dot_product_attention (float32 logits and softmax, probabilities
+  cast to `dtype` for the value product), arranged for the training step on XLA:CPU, where
+  the [B, H, T, T] score work dominated the step far beyond its FLOP share:
+  - heads-major operands (one transpose each) instead of dot_generals over [B, T, H, D];
+  - query blocks: block i attends only keys [0, (i+1)·block), so the all-masked upper
+    blocks are never computed (3/4 of the score work at T = 2 blocks, 10/16 at 4). Each
+    block sees all its keys at once, so its softmax is exact (no online rescaling).
+  Grouped-query heads repeat k/v (the backward pass sums the repeats). A padding query row
+  (no visible key) gets a uniform average over its block's keys instead of all keys: a
+  different meaningless value in a row that no real token attends to and no loss reads.
+  Measured on a busy 2-core CPU, small shape (16 x 256 tokens, 8 heads of 64), attention
+  forward + backward alone: 1.21 s -> 0.81 s per layer (median of 7, interleaved).
+  """
+  b, t, h, d = q.shape
+  heads_major = lambda x: x.astype(dtype).transpose(0, 2, 1, 3)
+  q, k, v = heads_major(q), heads_major(k), heads_major(v)
+  if k.shape[1] != h:
+    k, v = jnp.repeat(k, h // k.shape[1], axis=1), jnp.repeat(v, h // v.shape[1], axis=1)
+  blocks = t // query_block if t % query_block == 0 and t >= 2 * query_block else 1
+  size = t // blocks
+  outs = []
+  for i in range(blocks):
+    lo, hi = i * size, (i + 1) * size
+    logits = jnp.einsum("bhtd,bhsd->bhts", q[:, :, lo:hi], k[:, :, :hi],
+                        preferred_element_type=jnp.float32)
+    logits = logits * jnp.float32(scale) + bias[:, :, lo:hi, :hi]
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    outs.append(jnp.einsum("bhts,bhsd->bhtd", probs, v[:, :, :hi]))
+  out = outs[0] if blocks == 1 else jnp.concatenate(outs, axis=2)
+  return out.transpose(0, 2, 1, 3)
+
+
 class Attention(nn.Module):
   """Causal multi-head / grouped-query attention with an optional fixed-size KV cache."""
   cfg: ModelConfig
@@ -114,11 +154,14 @@ class Attention(nn.Module):
                                        (0, 0, cache_index, 0))
       kv = (k, v)
       k, v = heads_major(k), heads_major(v)
-    # jax.nn.dot_product_attention: float32 logits and softmax, native GQA, and a backward
-    # pass several times faster on XLA:CPU than a hand-written grouped einsum.
     dtype = cfg.compute_dtype
-    out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
-                                       bias=lay.bias, scale=1.0 / math.sqrt(hd))
+    if kv is None:  # Whole sequences (training, scoring): the causal block path below.
+      out = causal_attention(q, k, v, lay.bias, 1.0 / math.sqrt(hd), dtype)
+    else:
+      # jax.nn.dot_product_attention: float32 logits and softmax, native GQA, and a backward
+      # pass several times faster on XLA:CPU than a hand-written grouped einsum.
+      out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
+                                         bias=lay.bias, scale=1.0 / math.sqrt(hd))
     out = _dense(cfg.d_model, ("heads", "embed"), cfg, use_bias=cfg.arch == "gpt2",
                  std=self.out_std, name="o")(out.reshape(b * t, h * hd))
     return out.reshape(b, t, cfg.d_model), kv
