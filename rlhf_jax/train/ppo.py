@@ -11,6 +11,9 @@ The trainable params are one tree {"policy": ..., "value": ...} ("value" absent 
 value is a head on the policy backbone, config.ppo.value = "head") under one optimiser; the
 reference policy and the reward model are frozen and passed to the jitted functions as
 arguments, never stored in the checkpoint (they are rebuilt from their own stages on resume).
+With LoRA (config.lora.rank > 0) "policy" holds {"lora": adapters (+ "value_head")}: the
+policy is the reference with the adapters folded in, so the reference doubles as the frozen
+base and there is no second copy of the policy (a separate value network stays full).
 """
 import os
 
@@ -159,13 +162,16 @@ class PPOTrainer:
     self.policy = models.build_model(policy_module.cfg, "policy")
     self.value_module = value_module
     self.ref_params, self.reward_module, self.rm_params = ref_params, reward_module, rm_params
+    self.lora = models.lora.config_from(config.get("lora"))
+    self._merged_policy = jax.jit(self.policy_params)
     tok = task.tokenize_config
     self.prompt_len = tok.max_prompt_len
     self.sampling_cfg = sampling.SamplingConfig(
         max_new_tokens=self.cfg.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
         temperature=self.cfg.temperature)
     self._score = jax.jit(lambda params, ref, rm, pi, pm, s: score_rollout(
-        policy_module, value_module, reward_module, params=params, ref_params=ref,
+        policy_module, value_module, reward_module, params=self.effective(params, ref),
+        ref_params=ref,
         rm_params=rm, prompt_ids=pi, prompt_mask=pm, samples=s, cfg=self.cfg))
     self._batch = jax.jit(self._rollout_batch)
     self._kl_coef = jax.jit(self._next_kl_coef)
@@ -177,14 +183,39 @@ class PPOTrainer:
     rows = self.cfg.prompts_per_iter * self.cfg.group_size
     return self.cfg.epochs * (rows // self.cfg.minibatch_size)
 
+  def policy_params(self, params, base):
+    """The policy's (or policy_value's) params from the trainable tree: params["policy"], or
+    with LoRA the base (= the reference) with the adapters folded in."""
+    if self.lora is None:
+      return params["policy"]
+    trainable = dict(params["policy"])
+    adapters = trainable.pop("lora")
+    return {**models.apply_lora(base, adapters, self.lora.scale), **trainable}
+
+  def effective(self, params, base):
+    return {**params, "policy": self.policy_params(params, base)}
+
+  def merged_policy(self, params):
+    """Plain policy params for sampling, evaluation and export (jitted merge under LoRA)."""
+    return params["policy"] if self.lora is None else self._merged_policy(params,
+                                                                          self.ref_params)
+
   def init_state(self, params, key) -> state_lib.State:
     state = state_lib.state_from_params(params, self.tx, key, self.mesh, self.rules)
     state["kl_coef"] = jax.device_put(jnp.asarray(self.cfg.kl_coef, jnp.float32),
                                       state["step"].sharding)
-    self._update_fn = step_lib.make_train_step(
-        ppo_loss_fn(self.policy_value_module, self.value_module, self.cfg, self.prompt_len),
-        self.tx, accum_steps=self.cfg.optim.accum_steps, state_extra=("kl_coef",))
-    self._update = state_lib.jit_step(self._update_fn, state)
+    loss_fn = ppo_loss_fn(self.policy_value_module, self.value_module, self.cfg,
+                          self.prompt_len)
+    if self.lora is None:
+      self._update_fn = step_lib.make_train_step(
+          loss_fn, self.tx, accum_steps=self.cfg.optim.accum_steps, state_extra=("kl_coef",))
+      self._update = state_lib.jit_step(self._update_fn, state)
+    else:  # Gradients w.r.t. the adapters only; the base is an undonated input.
+      step = step_lib.make_train_step(
+          lambda p, b, rng, kl_coef, base: loss_fn(self.effective(p, base), b, rng, kl_coef),
+          self.tx, accum_steps=self.cfg.optim.accum_steps, state_extra=("kl_coef", "base"))
+      self._update_fn = models.lora.with_frozen(step, "base")  # (state, batch, base).
+      self._update = models.lora.jit_frozen_step(step, "base", state, self.ref_params)
     self._fused = jax.jit(self.fused_iteration, donate_argnums=0,
                           out_shardings=(state_lib.shardings(state), None))
     return state
@@ -194,7 +225,9 @@ class PPOTrainer:
     if world is None:
       return None
     prompts = [row[mask > 0] for row, mask in zip(*map(np.asarray, prompt_ids))]
-    return world.score_ids(prompts, list(np.asarray(samples.tokens))).reward
+    # Every process scores every row (host work, cheap) so all hold the same scores.
+    tokens = parallel.distributed.gather(samples.tokens)
+    return world.score_ids(prompts, list(tokens)).reward
 
   def _rollout_batch(self, kl_coef, ids, mask, samples, scored, raw_score):
     """The update batch of one rollout: shaped score (length penalty, missing-EOS penalty,
@@ -239,10 +272,11 @@ class PPOTrainer:
     cfg = self.cfg
     sample_key, shuffle_key = jax.random.split(self._rollout_key(state))
     # ROLLOUT AND SCORING
-    samples = sampling.generate(self.policy, state["params"]["policy"], ids, mask, sample_key,
-                                self.sampling_cfg)
+    samples = sampling.generate(self.policy, self.policy_params(state["params"], ref_params),
+                                ids, mask, sample_key, self.sampling_cfg)
     scored = score_rollout(self.policy_value_module, self.value_module, self.reward_module,
-                           params=state["params"], ref_params=ref_params, rm_params=rm_params,
+                           params=self.effective(state["params"], ref_params),
+                           ref_params=ref_params, rm_params=rm_params,
                            prompt_ids=ids, prompt_mask=mask, samples=samples, cfg=cfg)
     batch, kl = self._rollout_batch(state["kl_coef"], ids, mask, samples, scored,
                                     scored["rm_score"])
@@ -252,7 +286,9 @@ class PPOTrainer:
     def epoch(state, e):
       order = jax.random.permutation(jax.random.fold_in(shuffle_key, e), rows)[:rows // mb * mb]
       minibatches = jax.tree.map(lambda x: x[order].reshape(rows // mb, mb, *x.shape[1:]), batch)
-      return jax.lax.scan(self._update_fn, state, minibatches)
+      update = (self._update_fn if self.lora is None else
+                lambda s, minibatch: self._update_fn(s, minibatch, ref_params))
+      return jax.lax.scan(update, state, minibatches)
 
     state, metrics = jax.lax.scan(epoch, state, jnp.arange(cfg.epochs))
     # KL CONTROLLER (a state may carry its own target: a vmapped sweep over target KL)
@@ -266,22 +302,24 @@ class PPOTrainer:
     calls (any reward, including the task's host-side gold reward)."""
     cfg = self.cfg
     sample_key, shuffle_key = jax.random.split(self._rollout_key(state))
-    samples = sampling.generate(self.policy, state["params"]["policy"], ids, mask, sample_key,
-                                self.sampling_cfg)
+    samples = sampling.generate(self.policy, self.merged_policy(state["params"]), ids, mask,
+                                sample_key, self.sampling_cfg)
     scored = self._score(state["params"], self.ref_params, self.rm_params, ids, mask, samples)
     gold_scores = gold(samples) if cfg.reward_source == "gold" else None
-    raw = (jnp.asarray(gold_scores, jnp.float32) if gold_scores is not None else
-           scored["rm_score"])
+    raw = (parallel.distributed.shard_global(np.asarray(gold_scores, np.float32), self.mesh)
+           if gold_scores is not None else scored["rm_score"])
     batch, kl = self._batch(state["kl_coef"], ids, mask, samples, scored, raw)
     rows, metrics = ids.shape[0], []
-    host_batch = jax.device_get(batch)  # One transfer per iteration, not one per minibatch.
+    # One transfer per iteration, not one per minibatch; whole on every process, each of which
+    # then feeds its own rows of every minibatch.
+    host_batch = parallel.distributed.gather(batch)
     for e in range(cfg.epochs):
       order = np.asarray(jax.random.permutation(jax.random.fold_in(shuffle_key, e), rows))
       for start in range(0, rows // cfg.minibatch_size * cfg.minibatch_size,
                          cfg.minibatch_size):
         idx = order[start:start + cfg.minibatch_size]
-        minibatch = parallel.shard_batch(jax.tree.map(lambda x: x[idx], host_batch),
-                                         self.mesh)
+        minibatch = parallel.distributed.shard_global(
+            jax.tree.map(lambda x: x[idx], host_batch), self.mesh)
         state, m = self._update(state, minibatch)
         metrics.append(m)
     seq_kl, new_coef = self._kl_coef(state["kl_coef"], kl)
@@ -294,13 +332,16 @@ class PPOTrainer:
   def iteration(self, state, prompts):
     """The loop's step function: one iteration on a batch of prompts, then host metrics."""
     cfg = self.cfg
-    ids, mask = parallel.shard_batch((prompts["ids"], prompts["mask"]), self.mesh)
+    # The prompt batch is global on every process (prompt_iterator); each feeds its rows.
+    ids, mask = parallel.distributed.shard_global((prompts["ids"], prompts["mask"]), self.mesh)
     gold_of = lambda samples: self.gold_scores((prompts["ids"], prompts["mask"]), samples)
     if cfg.fused:
       state, out = self._fused(state, ids, mask, self.ref_params, self.rm_params)
     else:
       state, out = self.host_iteration(state, ids, mask, gold_of)
-    samples, batch = out["samples"], out["batch"]
+    # Host metrics read every row: gathered whole onto every process (a no-op on one process).
+    samples, batch, rm_score = parallel.distributed.gather(
+        (out["samples"], out["batch"], out["rm_score"]))
     gold = out.get("gold")
     gold = gold_of(samples) if gold is None else gold  # Scored once per iteration.
     tokens, lens = np.asarray(samples.tokens), np.asarray(samples.lengths)
@@ -308,7 +349,7 @@ class PPOTrainer:
     responses = [t[:n - e] for t, n, e in zip(tokens, lens, ended)]  # EOS excluded, as in eval.
     metrics = {k: float(v) for k, v in out["metrics"].items()}
     metrics.update({
-        "score": float(jnp.mean(batch["score"])), "rm_score": float(jnp.mean(out["rm_score"])),
+        "score": float(np.mean(batch["score"])), "rm_score": float(np.mean(rm_score)),
         "kl": float(out["kl"]), "kl_coef": float(state["kl_coef"]),
         "response_length": float(lens.mean()),
         "no_eos_fraction": float(1 - np.asarray(samples.finished).mean()),
@@ -333,8 +374,11 @@ def prompt_iterator(task, config, position: int):
     ids, mask = eval_lib.left_pad(rows, tok.max_prompt_len, tok.pad_id)
     return {"ids": ids, "mask": mask}
 
+  # Global batches on every process (prompts are tiny): a rollout's random draws are per global
+  # row, so a fixed global row order makes a run independent of the process count.
   return data.DataIterator(prompts, data.PaddedBatcher(cfg.prompts_per_iter, collate),
-                           seed=config.seed, position=position)
+                           seed=config.seed, position=position, process_index=0,
+                           process_count=1)
 
 
 def run_ppo(config: ml_collections.ConfigDict, workdir: str, *, task, policy, rm=None,
@@ -374,7 +418,7 @@ def run_ppo(config: ml_collections.ConfigDict, workdir: str, *, task, policy, rm
             if sft_eval_examples else None)
 
   def eval_fn(params):  # The seed's "perplexity degradation" on held-out SFT data.
-    heldout = ppl_fn(params["policy"])
+    heldout = ppl_fn(trainer.merged_policy(params))
     return {"sft_heldout_loss": heldout["eval_loss"],
             "sft_heldout_perplexity": heldout["eval_perplexity"]}
 
@@ -389,7 +433,7 @@ def run_ppo(config: ml_collections.ConfigDict, workdir: str, *, task, policy, rm
                                  max_nonfinite=config.run.max_nonfinite),
         extra={"config": config.to_dict()}, eval_fn=eval_fn if ppl_fn else None,
         desc=cfg.algorithm)
-  return trainer.policy, state["params"]["policy"], {}
+  return trainer.policy, trainer.merged_policy(state["params"]), {}
 
 
 def make_trainer(config: ml_collections.ConfigDict, task, mesh, *, policy, rm=None):
@@ -402,21 +446,27 @@ def make_trainer(config: ml_collections.ConfigDict, task, mesh, *, policy, rm=No
   ref_params = sft_params
   sample = jnp.ones((1, 8), jnp.int32)
   key = jax.random.key(config.seed + 5)
+  lora_cfg = models.lora.config_from(config.get("lora"))
+  if lora_cfg is None:  # The policy's trainable params: a copy of SFT's (theirs are donated).
+    trainable_policy = jax.tree.map(jnp.copy, sft_params)
+  else:  # Adapters only; the SFT params stay frozen as the base (= the reference).
+    trainable_policy = {"lora": models.lora.init_sharded(
+        module, sft_params, lora_cfg, jax.random.key(config.seed + 8), mesh, rules)}
   if cfg.algorithm != "ppo":  # Critic-free: no value network at all.
     policy_module, value_module = module, None
-    params = {"policy": jax.tree.map(jnp.copy, sft_params)}
+    params = {"policy": trainable_policy}
   elif cfg.value == "head":
     policy_module = models.build_model(module.cfg, "policy_value")
     fresh = parallel.init_params(policy_module, key, sample, mesh=mesh, rules=rules)
     # The SFT policy plus a fresh (zero) value head on its backbone.
-    params = {"policy": {**jax.tree.map(jnp.copy, sft_params), "value_head": fresh["value_head"]}}
+    params = {"policy": {**trainable_policy, "value_head": fresh["value_head"]}}
     value_module = None
   else:
     policy_module = module
     value_module = models.build_model(module.cfg, "value")
     fresh = parallel.init_params(value_module, key, sample, mesh=mesh, rules=rules)
     source = (jax.tree.map(lambda x: x[0], rm[1]) if rm is not None else sft_params)
-    params = {"policy": jax.tree.map(jnp.copy, sft_params),
+    params = {"policy": trainable_policy,
               "value": jax.tree.map(jnp.copy, models.transfer_backbone(source, fresh))}
   trainer = PPOTrainer(config, task, mesh, policy_module=policy_module,
                        value_module=value_module, ref_params=ref_params,

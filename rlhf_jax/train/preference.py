@@ -192,7 +192,7 @@ def _fingerprint(pairs, params, cfg, model_cfg) -> str:
       h.update(np.asarray(a, np.int32).tobytes())
       h.update(b"|")
   for leaf in jax.tree.leaves(params):
-    h.update(np.asarray(jnp.ravel(leaf)[:4096]).tobytes())
+    h.update(parallel.distributed.gather(jnp.ravel(leaf)[:4096]).tobytes())
   h.update(repr((cfg.shared_prefix, model_cfg)).encode())
   return h.hexdigest()
 
@@ -210,16 +210,20 @@ def _jitted_pair_logps(module, prompt_len: int, shared_prefix: bool):
 
 
 def score_pairs(module, params, pairs, tok, mesh, batch_size: int, shared_prefix: bool):
-  """Summed response log-probs (chosen [N], rejected [N]) of every pair, in batches."""
+  """Summed response log-probs (chosen [N], rejected [N]) of every pair, in batches.
+
+  Multi-host: every process holds all pairs, feeds the rows its devices hold and gets every
+  score back (so all processes agree on, e.g., the precomputed reference)."""
   batch_size = max(batch_size // mesh.size, 1) * mesh.size
   fn = _jitted_pair_logps(module, tok.max_prompt_len, shared_prefix)
   chosen, rejected = [], []
   for start in range(0, len(pairs), batch_size):
     chunk = pairs[start:start + batch_size]
     padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # Fixed shape: one compile.
-    c, r = fn(params, parallel.shard_batch(collate_pairs(padded, tok, shared_prefix), mesh))
-    chosen.append(np.asarray(c)[:len(chunk)])
-    rejected.append(np.asarray(r)[:len(chunk)])
+    c, r = parallel.distributed.gather(fn(params, parallel.distributed.shard_global(
+        collate_pairs(padded, tok, shared_prefix), mesh)))
+    chosen.append(c[:len(chunk)])
+    rejected.append(r[:len(chunk)])
   return np.concatenate(chosen), np.concatenate(rejected)
 
 
@@ -322,14 +326,23 @@ def run_preference(config: ml_collections.ConfigDict, workdir: str, *, task=None
       task, config.task, "train")
   eval_pairs = eval_pairs if eval_pairs is not None else task_lib.preference_examples(
       task, config.task, "eval")
+  # LoRA (config.lora.rank > 0): the state's params are the adapters; the policy's own params
+  # are the frozen base, an undonated input of the step and also the reference (no copy).
+  lora_cfg = models.lora.config_from(config.get("lora"))
+  if lora_cfg is not None and cfg.ref_sync_every:
+    raise ValueError("config.dpo.ref_sync_every (TR-DPO) moves the reference, but with "
+                     "config.lora.rank > 0 the reference is the frozen base; set one to 0")
   # The reference: a copy, since the policy's buffers are donated to the first step.
-  ref_params = jax.tree.map(jnp.copy, params) if cfg.reference != "none" else None
+  ref_params = (None if cfg.reference == "none" else
+                params if lora_cfg is not None else jax.tree.map(jnp.copy, params))
 
   tx, _ = optim.make_optimizer(cfg.optim, cfg.steps)
-  state = state_lib.state_from_params(jax.tree.map(jnp.copy, params), tx,
-                                      jax.random.key(config.seed + 3), mesh, rules)
+  trainable = (jax.tree.map(jnp.copy, params) if lora_cfg is None else models.lora.init_sharded(
+      module, params, lora_cfg, jax.random.key(config.seed + 7), mesh, rules))
+  state = state_lib.state_from_params(trainable, tx, jax.random.key(config.seed + 3), mesh,
+                                      rules)
   state_extra, post_update = (), None
-  if cfg.reference == "model":
+  if cfg.reference == "model" and lora_cfg is None:
     state["ref"] = ref_params
     state_extra = ("ref",)
     if cfg.ref_sync_every:
@@ -358,18 +371,30 @@ def run_preference(config: ml_collections.ConfigDict, workdir: str, *, task=None
       arrays["ref_rejected"] = source.ref_rejected[indices].astype(np.float32)
     return arrays
 
-  batcher = data.PaddedBatcher(cfg.batch_size, lambda idx: collate(np.asarray(idx)))
+  # Each process collates its share of the global batch from its slice of the stream.
+  batcher = data.PaddedBatcher(
+      parallel.distributed.local_batch_size(cfg.batch_size, "config.dpo.batch_size"),
+      lambda idx: collate(np.asarray(idx)))
 
   def make_iterator(position):
     return data.DataIterator(source, batcher, seed=config.seed, position=position)
 
   loss_fn = (kto_loss_fn(module, cfg) if is_kto else
              preference_loss_fn(module, cfg, tok.max_prompt_len))
-  step_fn = state_lib.jit_step(step_lib.make_train_step(
-      loss_fn, tx,
-      accum_steps=cfg.optim.accum_steps, state_extra=state_extra, post_update=post_update),
-      state)
-  eval_fn = make_eval_fn(module, ref_params, eval_pairs, tok, mesh, cfg)
+  if lora_cfg is None:
+    step_fn = state_lib.jit_step(step_lib.make_train_step(
+        loss_fn, tx,
+        accum_steps=cfg.optim.accum_steps, state_extra=state_extra, post_update=post_update),
+        state)
+    eval_fn = make_eval_fn(module, ref_params, eval_pairs, tok, mesh, cfg)
+  else:
+    loss_fn = models.lora.lora_loss_fn(loss_fn, lora_cfg.scale,
+                                       base_is_reference=cfg.reference == "model")
+    step_fn = models.lora.jit_frozen_step(step_lib.make_train_step(
+        loss_fn, tx, accum_steps=cfg.optim.accum_steps, state_extra=("base",)),
+        "base", state, params)
+    eval_merged = make_eval_fn(module, ref_params, eval_pairs, tok, mesh, cfg)
+    eval_fn = lambda adapters: eval_merged(models.merge_lora(params, adapters, lora_cfg.scale))
   with parallel.mesh_context(mesh, rules):
     state = loop_lib.train_loop(
         workdir=workdir, state=state, step_fn=step_fn, make_iterator=make_iterator,
@@ -377,6 +402,8 @@ def run_preference(config: ml_collections.ConfigDict, workdir: str, *, task=None
         extra={"config": config.to_dict()}, eval_fn=eval_fn, desc=f"dpo[{cfg.loss}]")
     results = eval_fn(state["params"])
   logging.info("dpo[%s]: %s", cfg.loss, results)
+  if lora_cfg is not None:  # Plain policy params onwards (sampling, PPO, save_hf).
+    return module, models.merge_lora(params, state["params"], lora_cfg.scale), results
   return module, state["params"], results
 
 
