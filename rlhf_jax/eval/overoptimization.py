@@ -83,11 +83,12 @@ class Fit:
 
   @property
   def peak_d(self) -> float:
-    """The d that maximises the fitted curve (inf if it never turns down)."""
+    """The d >= 0 that maximises the fitted curve (inf if it never turns down; 0 if it falls
+    from the start)."""
     if self.beta <= 0:
       return math.inf
     if self.form == "bon":  # α − 2βd = 0.
-      return self.alpha / (2.0 * self.beta)
+      return max(self.alpha / (2.0 * self.beta), 0.0)
     return math.exp(self.alpha / self.beta - 1.0)  # α − β(log d + 1) = 0.
 
 
