@@ -101,21 +101,23 @@ def objective(kind):
 
 
 def collectives(hlo: str, params) -> dict:
-  """Collective ops in optimised HLO, and how many all-reduced tensors have the full shape of
-  a sharded param (XLA:CPU writes a gradient reduce-scatter as all-reduce + dynamic-slice; GPU
-  and TPU pipelines turn that pair into a reduce-scatter)."""
+  """Collective ops in optimised HLO, and how many float32 elements are all-reduced against
+  how many the sharded params hold (XLA:CPU writes a gradient reduce-scatter as an all-reduce
+  of the full gradient + a dynamic-slice, often combined into tuples and reshaped, so shapes
+  do not match param by param; GPU and TPU pipelines turn that pair into a reduce-scatter)."""
   count = lambda op: len(re.findall(rf"\s{op}(?:-start)?\(", hlo))
   sharded = [x for x in jax.tree.leaves(params) if not x.sharding.is_fully_replicated]
-  full = {f"f32[{','.join(map(str, x.shape))}]" for x in sharded}
-  reduced = []
+  reduced = 0
   for line in hlo.splitlines():
     m = re.search(r" all-reduce(?:-start)?\(", line)
     if m and " = " in line[:m.start()]:  # The result type, e.g. (f32[64,32]{1,0}, f32[]).
-      reduced += re.findall(r"f32\[[\d,]*\]", line[:m.start()].split(" = ", 1)[1])
+      for dims in re.findall(r"f32\[([\d,]*)\]", line[:m.start()].split(" = ", 1)[1]):
+        reduced += int(np.prod([int(d) for d in dims.split(",") if d]))
   return {"all_gather": count("all-gather"), "reduce_scatter": count("reduce-scatter"),
           "all_reduce": count("all-reduce"), "dynamic_slice": count("dynamic-slice"),
           "sharded_params": len(sharded), "param_leaves": len(jax.tree.leaves(params)),
-          "full_param_shape_all_reduced": sum(s in full for s in reduced)}
+          "sharded_param_elements": int(sum(x.size for x in sharded)),
+          "all_reduced_elements": reduced}
 
 
 def host_init(kind):
