@@ -23,7 +23,7 @@ def test_critic_free_runlocal_writes_plot_and_table(tmp_path):
   for r in runs.values():
     curve = r["seeds"][0]["curve"]
     assert [p["step"] for p in curve] == [0, 1, 2]
-    assert curve[0]["kl"] == 0.0
+    assert abs(curve[0]["kl"]) <= 1e-5  # The SFT policy itself (sampler vs full-forward log-probs).
     m = r["memory"]
     assert m["peak_bytes"] == (m["argument_bytes"] + m["output_bytes"] + m["temp_bytes"]
                                - m["alias_bytes"]) > 0

@@ -44,9 +44,10 @@ def test_frontier_runlocal_writes_plot_and_table(tmp_path):
   assert "![gold reward vs KL](frontier.png)" in table
   results = json.loads((tmp_path / "results.json").read_text())
   assert [c[0]["beta"] for c in results["dpo"]] == [0.05, 0.1, 1.0, 5.0]
-  # Step 0 of every run is the SFT policy itself: the same samples, KL exactly 0.
+  # Step 0 of every run is the SFT policy itself: the same samples, KL 0 up to float32
+  # rounding (sampler log-probs from the cached attention vs the full forward pass).
   for curve in results["dpo"] + results["ppo_rm"] + results["ppo_gold"]:
-    assert curve[0]["step"] == 0 and curve[0]["kl"] == 0.0
+    assert curve[0]["step"] == 0 and abs(curve[0]["kl"]) <= 1e-5
     assert curve[0]["gold_reward"] == results["dpo"][0][0]["gold_reward"]
   assert [len(c) for c in results["dpo"]] == [3] * 4  # Steps 0, 2, 4.
   assert [len(c) for c in results["ppo_rm"]] == [3] * 4  # Iterations 0, 1, 2.
