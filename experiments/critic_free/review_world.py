@@ -45,9 +45,10 @@ def get_config(arg=None):
   c.critic_free = ml_collections.ConfigDict(dict(
       algorithms=("ppo", "rloo", "grpo"), seeds=tuple(range(arg.seeds)), eval_every=5,
       overrides=overrides))
-  if arg.runlocal:  # Every phase runs and writes its files; the numbers mean little.
-    c.sft.steps, c.reward.steps, c.task.n_sft = 40, 20, 1000
-    c.sampling.train_prompts, c.sampling.eval_prompts, c.eval.prompts = 32, 16, 16
-    c.ppo.iterations, c.critic_free.eval_every = 4, 2
+  if arg.runlocal:  # Every phase runs and writes its files (< 1 min); the numbers mean little.
+    c.sft.steps, c.reward.steps, c.task.n_sft = 20, 10, 1000
+    c.sampling.train_prompts, c.sampling.eval_prompts, c.eval.prompts = 32, 16, 8
+    c.sampling.max_new_tokens = c.ppo.max_new_tokens = 16
+    c.ppo.iterations, c.critic_free.eval_every = 2, 1
     c.critic_free.seeds = (0,)
   return configs.lock(c)

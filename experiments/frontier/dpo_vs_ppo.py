@@ -41,10 +41,12 @@ def get_config(arg=None):
       dpo_betas=(0.05, 0.1, 1.0, 5.0), dpo_eval_every=50,
       ppo_kl_targets=(3.0, 6.0, 9.0, 12.0), gold_kl_targets=(6.0,), ppo_eval_every=10,
       bon_ns=(1, 2, 4, 8, 16, 32, 64), bon_pool=64, bon_prompts=64))
-  if arg.runlocal:  # Every phase runs and writes its files; the numbers mean little.
-    c.sft.steps, c.reward.steps, c.task.n_sft = 40, 20, 1000
-    c.sampling.train_prompts, c.sampling.eval_prompts, c.eval.prompts = 32, 16, 16
-    c.dpo.steps, c.frontier.dpo_eval_every = 20, 10
-    c.ppo.iterations, c.frontier.ppo_eval_every = 4, 2
+  if arg.runlocal:  # Every phase runs and writes its files (< 1 min); the numbers mean little.
+    c.sft.steps, c.reward.steps, c.task.n_sft = 20, 10, 1000
+    c.sampling.train_prompts, c.sampling.eval_prompts, c.eval.prompts = 32, 16, 8
+    c.sampling.max_new_tokens = 16
+    c.dpo.steps, c.frontier.dpo_eval_every = 4, 2
+    c.ppo.update(dict(iterations=2, prompts_per_iter=16, minibatch_size=8, max_new_tokens=16))
+    c.frontier.ppo_eval_every = 1
     c.frontier.bon_ns, c.frontier.bon_pool, c.frontier.bon_prompts = (1, 2, 4, 8), 8, 16
   return configs.lock(c)
