@@ -23,14 +23,19 @@ from rlhf_jax.train import sft as sft_lib
 from rlhf_jax.train.labels import label_policy_samples
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def sft_pairs_and_reward(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The front of the pipeline, shared with the reproductions (train/reproductions.py): SFT
+  (workdir/sft); config.sampling.k samples of the SFT policy on each of train_prompts /
+  eval_prompts prompts, all k(k-1)/2 pairs labelled by the gold reward; a reward model from
+  the SFT backbone on them, evaluated against gold labels on the fresh prompts
+  (workdir/reward). SFT and the reward model resume from their own checkpoints."""
   timings = {}
   start = time.perf_counter()
   module, sft_params, task, mesh, sft_eval = sft_lib.run_sft(config, os.path.join(workdir,
                                                                                   "sft"))
   timings["sft"] = time.perf_counter() - start
   if task.world is None:
-    raise ValueError("the quickstart needs config.task.kind='review_world' (a gold reward)")
+    raise ValueError("this pipeline needs config.task.kind='review_world' (a gold reward)")
 
   # SAMPLE k RESPONSES PER PROMPT FROM THE SFT POLICY; LABEL ALL PAIRS WITH THE GOLD REWARD.
   start = time.perf_counter()
@@ -42,10 +47,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # REWARD MODEL FROM THE SFT BACKBONE, EVALUATED AGAINST GOLD LABELS ON FRESH PROMPTS.
   start = time.perf_counter()
-  rm_module, rm_params, rm = reward_lib.run_reward(
+  rm_module, rm_params, rm_results = reward_lib.run_reward(
       config, os.path.join(workdir, "reward"), task=task, backbone=sft_params,
       train_pairs=train_pairs, eval_pairs=eval_pairs)
   timings["reward"] = time.perf_counter() - start
+  return dict(module=module, sft_params=sft_params, task=task, mesh=mesh, sft_eval=sft_eval,
+              train_pairs=train_pairs, eval_pairs=eval_pairs, rm=(rm_module, rm_params),
+              rm_results=rm_results, timings=timings)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  front = sft_pairs_and_reward(config, workdir)
+  module, sft_params, task, mesh = (front[k] for k in ("module", "sft_params", "task", "mesh"))
+  sft_eval, train_pairs, eval_pairs = front["sft_eval"], front["train_pairs"], front["eval_pairs"]
+  (rm_module, rm_params), rm, timings = front["rm"], front["rm_results"], dict(front["timings"])
 
   # DPO FROM THE SFT POLICY ON THE SAME GOLD-LABELLED PAIRS.
   start = time.perf_counter()

@@ -24,41 +24,13 @@ from absl import logging
 
 from rlhf_jax.eval import overoptimization
 from rlhf_jax.train import ppo as ppo_lib
-from rlhf_jax.train import reward as reward_lib
-from rlhf_jax.train import sft as sft_lib
+from rlhf_jax.train import quickstart as quickstart_lib
 from rlhf_jax.train import sweep as sweep_lib
-from rlhf_jax.train.labels import label_policy_samples
 
 
 # ---------------------------------------------------------------------------------------------
 # Shared pipeline and helpers
 # ---------------------------------------------------------------------------------------------
-
-def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """SFT (workdir/sft), config.sampling.k samples on each of train_prompts prompts labelled
-  into all k(k-1)/2 gold pairs, and a reward model on them (workdir/reward). Same seeds as the
-  quickstart, so the pairs are those a quickstart run with this config would draw."""
-  timings, start = {}, time.perf_counter()
-  module, sft_params, task, mesh, sft_eval = sft_lib.run_sft(config,
-                                                             os.path.join(workdir, "sft"))
-  timings["sft"] = time.perf_counter() - start
-  if task.world is None:
-    raise ValueError("reproductions need config.task.kind='review_world' (a gold reward)")
-  start = time.perf_counter()
-  train_pairs = label_policy_samples(module, sft_params, task, config, mesh,
-                                     n_prompts=config.sampling.train_prompts, seed=10)
-  eval_pairs = label_policy_samples(module, sft_params, task, config, mesh,
-                                    n_prompts=config.sampling.eval_prompts, seed=11)
-  timings["sample_and_label"] = time.perf_counter() - start
-  start = time.perf_counter()
-  rm_module, rm_params, rm_results = reward_lib.run_reward(
-      config, os.path.join(workdir, "reward"), task=task, backbone=sft_params,
-      train_pairs=train_pairs, eval_pairs=eval_pairs)
-  timings["reward"] = time.perf_counter() - start
-  return dict(module=module, sft_params=sft_params, task=task, mesh=mesh, sft_eval=sft_eval,
-              train_pairs=train_pairs, rm=(rm_module, rm_params), rm_results=rm_results,
-              timings=timings)
-
 
 def _cached(path: str, compute):
   """compute() once: its JSON result is kept at `path` and read back on later runs."""
@@ -127,7 +99,7 @@ def run_frontier(config: ml_collections.ConfigDict, workdir: str) -> dict:
   best-of-n from a pool; every run measured on the same held-out prompts."""
   fc = config.frontier
   os.makedirs(workdir, exist_ok=True)
-  prep = prepare(config, workdir)
+  prep = quickstart_lib.sft_pairs_and_reward(config, workdir)
   module, sft_params, task, mesh = (prep[k] for k in ("module", "sft_params", "task", "mesh"))
   evaluate = sweep_lib.make_policy_evaluator(config, task, mesh, module, sft_params)
   timings = dict(prep["timings"])
@@ -318,7 +290,7 @@ def run_critic_free(config: ml_collections.ConfigDict, workdir: str) -> dict:
   iteration."""
   cf = config.critic_free
   os.makedirs(workdir, exist_ok=True)
-  prep = prepare(config, workdir)
+  prep = quickstart_lib.sft_pairs_and_reward(config, workdir)
   module, sft_params, task, mesh = (prep[k] for k in ("module", "sft_params", "task", "mesh"))
   evaluate = sweep_lib.make_policy_evaluator(config, task, mesh, module, sft_params)
   runs = {}
