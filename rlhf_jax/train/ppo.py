@@ -339,9 +339,12 @@ class PPOTrainer:
       state, out = self._fused(state, ids, mask, self.ref_params, self.rm_params)
     else:
       state, out = self.host_iteration(state, ids, mask, gold_of)
-    # Host metrics read every row: gathered whole onto every process (a no-op on one process).
+    # Host metrics read every row: gathered whole onto every process (a no-op on one process);
+    # of the update batch only the columns the metrics read.
+    metric_keys = ("score",) + (("values", "returns", "response_mask")
+                                if cfg.algorithm == "ppo" else ())
     samples, batch, rm_score = parallel.distributed.gather(
-        (out["samples"], out["batch"], out["rm_score"]))
+        (out["samples"], {k: out["batch"][k] for k in metric_keys}, out["rm_score"]))
     gold = out.get("gold")
     gold = gold_of(samples) if gold is None else gold  # Scored once per iteration.
     tokens, lens = np.asarray(samples.tokens), np.asarray(samples.lengths)
