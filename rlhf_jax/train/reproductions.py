@@ -32,6 +32,16 @@ from rlhf_jax.train import sweep as sweep_lib
 # Shared pipeline and helpers
 # ---------------------------------------------------------------------------------------------
 
+def _publish(workdir: str, results: dict, table: str, plot, plot_name: str) -> dict:
+  """Prints the table; process 0 writes the plot, results.md and results.json."""
+  print(table, flush=True)
+  if jax.process_index() == 0:
+    plot(results, os.path.join(workdir, plot_name))
+    _write(workdir, "results.md", table)
+    _write(workdir, "results.json", json.dumps(results, indent=1))
+  return results
+
+
 def _cached(path: str, compute):
   """compute() once: its JSON result is kept at `path` and read back on later runs."""
   if os.path.exists(path):
@@ -160,13 +170,8 @@ def run_frontier(config: ml_collections.ConfigDict, workdir: str) -> dict:
              "sft_eval_perplexity": prep["sft_eval"]["eval_perplexity"],
              "wall_time_s": {k: round(v, 1) for k, v in timings.items()}}
   results["checks"] = frontier_checks(results)
-  table = frontier_table(config, results)
-  print(table, flush=True)
-  if jax.process_index() == 0:
-    plot_frontier(results, os.path.join(workdir, "frontier.png"))
-    _write(workdir, "results.md", table)
-    _write(workdir, "results.json", json.dumps(results, indent=1))
-  return results
+  return _publish(workdir, results, frontier_table(config, results), plot_frontier,
+                  "frontier.png")
 
 
 def frontier_checks(results: dict) -> dict:
@@ -318,13 +323,8 @@ def run_critic_free(config: ml_collections.ConfigDict, workdir: str) -> dict:
     runs[algo] = _cached(os.path.join(workdir, f"{algo}.json"), one)
   results = {"runs": runs, "reward_model": prep["rm_results"],
              "wall_time_s": {k: round(v, 1) for k, v in prep["timings"].items()}}
-  table = critic_free_table(config, results)
-  print(table, flush=True)
-  if jax.process_index() == 0:
-    plot_critic_free(results, os.path.join(workdir, "critic_free.png"))
-    _write(workdir, "results.md", table)
-    _write(workdir, "results.json", json.dumps(results, indent=1))
-  return results
+  return _publish(workdir, results, critic_free_table(config, results), plot_critic_free,
+                  "critic_free.png")
 
 
 def _final(run: dict) -> dict:
