@@ -13,7 +13,8 @@ default: XLA:CPU uses both cores too):
       precomputed reference log-probs (the same numbers on both sides), backward, AdamW.
       Ours: train.preference.preference_loss_fn in train.step.make_train_step (jitted, state
       donated). Theirs: a plain torch loop (forward, log_softmax + gather, loss, backward,
-      torch.optim.AdamW.step).
+      torch.optim.AdamW.step). Both build logits only at the columns that predict response
+      tokens (ours: pair_logps; theirs: transformers' `logits_to_keep`).
   W2  Reward-model step: the same pairs, Bradley-Terry loss on a scalar head read at the
       last token, backward, AdamW. Theirs: transformers' LlamaModel + a torch Linear head.
   W3  Generation: 16 prompts x 64 tokens, exactly 128 new tokens per row (EOS suppressed),
@@ -143,14 +144,19 @@ def w1_dpo(cfg, args):
   opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(B1, B2), eps=EPS, weight_decay=WD)
   ids = torch.from_numpy(np.concatenate([batch["chosen_ids"], batch["rejected_ids"]])).long()
   attn = torch.from_numpy(np.concatenate([batch["chosen_mask"], batch["rejected_mask"]])).long()
+  # Both sides build logits only where a response token is predicted (columns prompt - 1
+  # onwards): ours through pair_logps, theirs through transformers' `logits_to_keep`.
+  keep = args.response + 1
   weights = torch.from_numpy(np.concatenate(
-      [batch["chosen_loss_mask"], batch["rejected_loss_mask"]])[:, 1:].astype(np.float32))
+      [batch["chosen_loss_mask"], batch["rejected_loss_mask"]])[:, -args.response:]
+      .astype(np.float32))
   ref_c, ref_r = torch.from_numpy(batch["ref_chosen"]), torch.from_numpy(batch["ref_rejected"])
 
   def theirs():
     opt.zero_grad(set_to_none=True)
-    logits = model(input_ids=ids, attention_mask=attn).logits
-    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+    logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(
+        -1, ids[:, -args.response:, None])[..., 0]
     pol_c, pol_r = (logp * weights).sum(-1).chunk(2)
     loss = -F.logsigmoid(BETA * ((pol_c - ref_c) - (pol_r - ref_r))).mean()
     loss.backward()

@@ -72,6 +72,21 @@ def test_packed_equals_unpacked(policy):
     at += len(s)
 
 
+def test_logits_to_keep_is_the_tail_of_the_full_logits(policy):
+  module, params = policy
+  ids = np.random.RandomState(3).randint(2, 97, size=(2, 11)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[1, :4] = 0  # Left padding: positions still come from the mask.
+  full = np.asarray(module.apply({"params": params}, ids, mask))
+  for keep in (1, 5, 11):
+    tail = module.apply({"params": params}, ids, mask, logits_to_keep=keep)
+    chex.assert_shape(tail, (2, keep, 97))
+    np.testing.assert_allclose(tail, full[:, -keep:], atol=1e-6, rtol=0)
+  reward = models.build_model(module.cfg, "reward")
+  with pytest.raises(ValueError, match="logits_to_keep=3 needs a role with an LM head"):
+    reward.apply({"params": params}, ids, mask, logits_to_keep=3)
+
+
 def test_kv_cache_decode_equals_full_forward(policy):
   """Prefill a left-padded prompt batch, decode one token at a time; logits must equal a full
   forward pass over prompt + generated tokens."""

@@ -256,7 +256,10 @@ class Transformer(nn.Module):
   role "policy_value": (logits, values) from one backbone (PPO with a value head on the
     policy); its params also serve a "policy" module (the value head is simply unused).
   With `cache`, returns (output, updated cache). `positions` and `parent_segment_ids` give
-  explicit position ids and prefix sharing (see layout.full_layout).
+  explicit position ids and prefix sharing (see layout.full_layout). `logits_to_keep` = N > 0
+  applies the LM head to the last N columns only (transformers' argument of the same name): a
+  loss over response tokens then never builds the prompt's [B, T_prompt, vocab] logits, their
+  head matmuls or their log-softmax.
   """
   cfg: ModelConfig
   role: str = "policy"
@@ -281,15 +284,20 @@ class Transformer(nn.Module):
           bias_init=_kernel(nn.initializers.zeros, (None,)))
 
   def __call__(self, input_ids, attention_mask=None, segment_ids=None, cache=None,
-               max_segments=None, positions=None, parent_segment_ids=None):
+               max_segments=None, positions=None, parent_segment_ids=None,
+               logits_to_keep: int = 0):
+    if logits_to_keep and self.role not in ("policy", "reference", "policy_value"):
+      raise ValueError(f"logits_to_keep={logits_to_keep} needs a role with an LM head, not "
+                       f"{self.role!r}")
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     hidden, new_cache = self.backbone(input_ids, attention_mask, segment_ids, cache, positions,
                                       parent_segment_ids)
     if self.role in ("policy", "reference", "policy_value"):
-      rows = _rows(hidden)
+      kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+      rows = _rows(kept)
       out = self.backbone.attend(rows) if self.cfg.tie_embeddings else self.lm_head(rows)
-      out = out.reshape(*hidden.shape[:-1], out.shape[-1])
+      out = out.reshape(*kept.shape[:-1], out.shape[-1])
       out = nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "act_vocab"))
       if self.role == "policy_value":
         out = (out, self.value_head(hidden.astype(jnp.float32))[..., 0])

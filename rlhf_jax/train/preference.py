@@ -74,26 +74,38 @@ def _masked_sums(logp, loss_mask):
 
 def pair_logps(module, params, batch, *, prompt_len: int, shared_prefix: bool):
   """(chosen sum, rejected sum, chosen tokens, rejected tokens), each [B] float32: summed
-  response log-probs of one forward pass over the pair batch (either layout)."""
+  response log-probs of one forward pass over the pair batch (either layout).
+
+  Responses start at column `prompt_len` in both layouts and prompt tokens are never in a loss
+  mask, so the LM head runs on columns prompt_len - 1 onwards only (`logits_to_keep`): the
+  prompt's logits are never built.
+  """
+  if prompt_len < 1:
+    raise ValueError(f"prompt_len={prompt_len}; pair rows need at least one prompt column")
   if not shared_prefix:
     ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]])
     mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
     loss_mask = jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
-    logits = module.apply({"params": params}, ids, mask)
-    sums, counts = _masked_sums(models.token_logprobs(logits[:, :-1], ids[:, 1:]), loss_mask)
+    logits = module.apply({"params": params}, ids, mask,
+                          logits_to_keep=ids.shape[1] - prompt_len + 1)
+    sums, counts = _masked_sums(models.token_logprobs(logits[:, :-1], ids[:, prompt_len:]),
+                                loss_mask[:, prompt_len - 1:])
     (s_c, s_r), (n_c, n_r) = jnp.split(sums, 2), jnp.split(counts, 2)
     return s_c, s_r, n_c, n_r
   ids = batch["ids"]
   logits = module.apply({"params": params}, ids, batch["mask"], batch["segment_ids"],
                         positions=batch["positions"],
-                        parent_segment_ids=batch["parent_segment_ids"])
-  next_lp = models.token_logprobs(logits[:, :-1], ids[:, 1:])
-  s_c, n_c = _masked_sums(next_lp, batch["chosen_loss_mask"])
+                        parent_segment_ids=batch["parent_segment_ids"],
+                        logits_to_keep=ids.shape[1] - prompt_len + 1)
+  # Column j of logits / next_lp is column prompt_len - 1 + j of the row.
+  next_lp = models.token_logprobs(logits[:, :-1], ids[:, prompt_len:])
+  s_c, n_c = _masked_sums(next_lp, batch["chosen_loss_mask"][:, prompt_len - 1:])
   # The first rejected token follows the prompt, not the chosen response: predict it from the
-  # last prompt column (prompt_len - 1) instead of the column before it.
+  # last prompt column (prompt_len - 1, logits column 0) instead of the column before it.
   first = prompt_len + (ids.shape[1] - prompt_len) // 2
-  first_lp = models.token_logprobs(logits[:, prompt_len - 1], ids[:, first])
-  s_r, n_r = _masked_sums(next_lp.at[:, first - 1].set(first_lp), batch["rejected_loss_mask"])
+  first_lp = models.token_logprobs(logits[:, 0], ids[:, first])
+  s_r, n_r = _masked_sums(next_lp.at[:, first - prompt_len].set(first_lp),
+                          batch["rejected_loss_mask"][:, prompt_len - 1:])
   return s_c, s_r, n_c, n_r
 
 
