@@ -42,6 +42,35 @@ def test_compare_quick_prints_one_line_per_workload():
   assert w3["new_tokens"] == 8 and w3["ours_new_tokens_per_s"] > 0
 
 
+def test_bounds_quick_takes_each_step_apart_consistently():
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  out = _json_lines(run_python(
+      ["benchmarks/bounds.py", "--quick", "--n-layers", "1", "--pairs", "2", "--prompt", "16",
+       "--response", "16", "--batch", "2", "--prompt-len", "8", "--new-tokens", "8"],
+      timeout=300))
+  assert out[0]["bound"] == "read_bandwidth" and out[0]["jax_sum_GB_per_s"] > 0
+  rows = out[1:]
+  assert [(r["workload"], r["model"]) for r in rows] == [("W1", "tiny"), ("W2", "tiny"),
+                                                         ("W3", "tiny")]
+  for r in rows:
+    raw = r["raw_s"]
+    assert r["ours_s"] == raw["ours"] and r["theirs_s"] == raw["theirs"]
+    assert r["target_s"] == pytest.approx(r["theirs_s"] / r["target_speedup"], abs=2e-4)
+    assert r["ours_rest_s"] == pytest.approx(r["ours_s"] - r["ours_skeleton_s"], abs=2e-4)
+    assert r["rest_budget_s"] == pytest.approx(r["target_s"] - r["ours_skeleton_s"], abs=2e-4)
+    assert r["reachable_on_these_kernels"] == (r["rest_budget_s"] > 0)
+    assert min(r["skeleton_gflops"].values()) > 0
+  w1, w2, w3 = rows
+  # W1's skeleton includes the LM head (timed on its own); W2 (a scalar head) has none.
+  assert w1["ours_skeleton_s"] == pytest.approx(
+      w1["raw_s"]["ours_skeleton"] + w1["raw_s"]["ours_head"], abs=2e-4)
+  assert "ours_head" not in w2["raw_s"]
+  assert w3["new_tokens"] == 8 and w3["hf_logits_max_abs_diff"] < 1e-3
+  assert w3["ms_per_step"]["target"] == pytest.approx(1e3 * w3["target_s"] / 8, abs=0.02)
+  assert w3["ms_per_step"]["ours_attention_full_cache"] > 0
+
+
 def test_gpu_script_tiny_cpu_mode():
   env = dict(os.environ, GPU_SH_TINY="1", PYTHON=sys.executable, JAX_PLATFORMS="cpu")
   proc = subprocess.run(["bash", "benchmarks/gpu.sh"], cwd=REPO_ROOT, env=env,
