@@ -5,7 +5,8 @@
 8 simulated CPU devices in all (8 / NUM_PROCESSES per process) on a data 2 x fsdp 4 mesh; with
 2 processes the mesh is pod-shaped (dcn data = 2: each process stands in for a slice). Runs 5
 DPO steps (checkpointed at 3 and 5, then resumed from step 5), evaluates the policy (sampling,
-gold reward, KL), then 1 PPO iteration on the gold reward with the held-out SFT perplexity.
+gold reward, KL), then 1 PPO iteration on the gold reward with the held-out SFT perplexity, then
+3 KTO steps from the PPO policy against the DPO policy.
 Process 0 joins through config.distributed, process 1 through $RLHF_JAX_COORDINATOR. With 2
 processes it also checks the pod mesh's layout. Prints one JSON line.
 """
@@ -119,9 +120,23 @@ def main():
                                  sft_eval_examples=task_lib.sft_examples(task, config.task,
                                                                          "eval"))
   out["ppo_params"] = checksum(ppo_params)
+
+  # KTO: the batch-KL rows pair each row with the next one of the *global* batch (built in the
+  # step), so 2 processes must match 1 here too. The KL estimate z0 = max(0, mean log-ratio of
+  # those rows) only matters when it is positive, so the run starts from the PPO policy against
+  # the DPO policy as reference (a reference equal to the start gives z0 = 0 at first).
+  kto_config = make_config().unlock()
+  kto_config.dpo.update(loss="kto", reference="model", shared_prefix=False, steps=3,
+                        eval_every=3)
+  _, kto_params, kto_results = preference.run_preference(
+      configs.lock(kto_config), os.path.join(WORKDIR, "kto"), task=task,
+      policy=(module, ppo_params), reference=params)
+  out["kto_params"] = checksum(kto_params)
+  out["kto_results"] = kto_results
   if distributed.is_main_process():
     out["dpo_metrics"] = read_metrics(os.path.join(dpo_dir, "metrics.jsonl"))
     out["ppo_metrics"] = read_metrics(os.path.join(ppo_dir, "metrics.jsonl"))
+    out["kto_metrics"] = read_metrics(os.path.join(WORKDIR, "kto", "metrics.jsonl"))
   else:  # Only process 0 writes metrics and logs.
     out["wrote_metrics"] = os.path.exists(os.path.join(WORKDIR, "dpo", "metrics.jsonl"))
   print(json.dumps(out), flush=True)

@@ -61,6 +61,54 @@ def test_shared_prefix_logps_and_grads_match_unshared(setup):
       np.testing.assert_allclose(got, float(jnp.sum(lp)), atol=1e-5)
 
 
+def test_kto_mismatched_rows_are_the_shifted_examples_and_sum_logps(setup):
+  """The step's KL rows (prompt i, completion i+1 mod B), built on device from the batch, equal
+  rows padded on the host from the shifted examples; their log-prob sums equal full forwards."""
+  module, params, pairs, tok = setup
+  unpaired = [data.TokenizedUnpaired(p.prompt, c, good) for p in pairs
+              for c, good in ((p.chosen, True), (p.rejected, False))]
+  batch = pref.collate_unpaired(unpaired, tok)
+  assert set(batch) == {"ids", "mask", "loss_mask", "desirable"}
+  successors = pref.stream_successors(len(unpaired), 1)
+  np.testing.assert_array_equal(successors, (np.arange(len(unpaired)) + 1) % len(unpaired))
+  kl_ids, kl_mask, kl_loss = jax.jit(lambda b: pref.mismatched_rows(b, PROMPT, successors))(
+      batch)
+  shifted = [data.TokenizedUnpaired(e.prompt, unpaired[(i + 1) % len(unpaired)].completion,
+                                    e.desirable) for i, e in enumerate(unpaired)]
+  want = data.pad_unpaired(shifted, PROMPT, RESPONSE, tok.pad_id).sequences
+  np.testing.assert_array_equal(kl_ids, want.input_ids)
+  np.testing.assert_array_equal(kl_mask, want.attention_mask)
+  np.testing.assert_array_equal(kl_loss, want.loss_mask)
+  sums, counts = pref.response_sums(module, params, kl_ids, kl_mask, kl_loss, PROMPT)
+  for i, e in enumerate(shifted):
+    seq = np.concatenate([e.prompt, e.completion])[None]
+    logits = module.apply({"params": params}, seq)
+    lp = models.token_logprobs(logits[:, :-1], seq[:, 1:])[0, len(e.prompt) - 1:]
+    np.testing.assert_allclose(sums[i], float(jnp.sum(lp)), atol=1e-5)
+    assert counts[i] == len(e.completion)
+
+
+@pytest.mark.parametrize("processes,local", [(1, 6), (2, 3), (3, 2), (4, 4)])
+def test_stream_successors_follow_the_data_iterator(processes, local):
+  """Assemble global batches the way multi-process training does (each process's local batch
+  from its own DataIterator, in process order): every row's successor holds the next example
+  of the single-process stream, so KTO pairs the same examples for every process count."""
+  source = list(range(50))
+  its = [data.DataIterator(source, data.PaddedBatcher(local, np.asarray), seed=3,
+                           process_index=p, process_count=processes) for p in range(processes)]
+  whole = data.DataIterator(source, data.PaddedBatcher(local * processes, np.asarray), seed=3,
+                            process_index=0, process_count=1)
+  successors = pref.stream_successors(local * processes, processes)
+  for _ in range(4):
+    rows = np.concatenate([next(it) for it in its])
+    stream = next(whole)  # The same examples, in stream order.
+    np.testing.assert_array_equal(np.sort(rows), np.sort(stream))
+    following = {a: b for a, b in zip(stream, np.roll(stream, -1))}
+    np.testing.assert_array_equal(rows[successors], [following[x] for x in rows])
+  with pytest.raises(ValueError, match="does not split over 4 processes"):
+    pref.stream_successors(6, 4)
+
+
 def _dpo_cfg(**kw):
   cfg = pref.default_dpo_config()
   cfg.update(kw)

@@ -72,13 +72,22 @@ def _masked_sums(logp, loss_mask):
   return jnp.sum(logp * w, axis=-1), jnp.sum(w, axis=-1)
 
 
+def response_sums(module, params, ids, mask, loss_mask, prompt_len: int):
+  """(summed log-probs [B], token counts [B]) of the response tokens of [prompt (left-padded to
+  prompt_len) | response] rows. Prompt tokens are never in a loss mask, so the LM head runs on
+  columns prompt_len - 1 onwards only (`logits_to_keep`): the prompt's logits are never built."""
+  logits = module.apply({"params": params}, ids, mask,
+                        logits_to_keep=ids.shape[1] - prompt_len + 1)
+  return _masked_sums(models.token_logprobs(logits[:, :-1], ids[:, prompt_len:]),
+                      loss_mask[:, prompt_len - 1:])
+
+
 def pair_logps(module, params, batch, *, prompt_len: int, shared_prefix: bool):
   """(chosen sum, rejected sum, chosen tokens, rejected tokens), each [B] float32: summed
   response log-probs of one forward pass over the pair batch (either layout).
 
-  Responses start at column `prompt_len` in both layouts and prompt tokens are never in a loss
-  mask, so the LM head runs on columns prompt_len - 1 onwards only (`logits_to_keep`): the
-  prompt's logits are never built.
+  Responses start at column `prompt_len` in both layouts, so both read logits from column
+  prompt_len - 1 onwards only (see `response_sums`).
   """
   if prompt_len < 1:
     raise ValueError(f"prompt_len={prompt_len}; pair rows need at least one prompt column")
@@ -86,10 +95,7 @@ def pair_logps(module, params, batch, *, prompt_len: int, shared_prefix: bool):
     ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]])
     mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
     loss_mask = jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
-    logits = module.apply({"params": params}, ids, mask,
-                          logits_to_keep=ids.shape[1] - prompt_len + 1)
-    sums, counts = _masked_sums(models.token_logprobs(logits[:, :-1], ids[:, prompt_len:]),
-                                loss_mask[:, prompt_len - 1:])
+    sums, counts = response_sums(module, params, ids, mask, loss_mask, prompt_len)
     (s_c, s_r), (n_c, n_r) = jnp.split(sums, 2), jnp.split(counts, 2)
     return s_c, s_r, n_c, n_r
   ids = batch["ids"]
@@ -155,31 +161,60 @@ def tr_dpo_sync(every: int, alpha: float):
 # ---------------------------------------------------------------------------------------------
 
 def collate_unpaired(examples, tok: data.TokenizeConfig) -> dict[str, np.ndarray]:
-  """Rows for KTO: each example, plus the mismatched row (prompt i, completion i+1 mod B) whose
-  log-ratio estimates the batch KL z₀ (Ethayarajh et al. 2024, arXiv:2402.01306, sec. 4)."""
-  shifted = [data.TokenizedUnpaired(e.prompt, examples[(i + 1) % len(examples)].completion,
-                                    e.desirable) for i, e in enumerate(examples)]
+  """Rows for KTO: [prompt (left-padded) | completion (right-padded)] and the labels. The
+  mismatched rows of the batch KL are built in the step (`kto_loss_fn`), from the global batch."""
   rows = data.pad_unpaired(examples, tok.max_prompt_len, tok.max_response_len, tok.pad_id)
-  kl = data.pad_unpaired(shifted, tok.max_prompt_len, tok.max_response_len, tok.pad_id)
   return {"ids": rows.sequences.input_ids, "mask": rows.sequences.attention_mask,
-          "loss_mask": rows.sequences.loss_mask, "kl_ids": kl.sequences.input_ids,
-          "kl_mask": kl.sequences.attention_mask, "kl_loss_mask": kl.sequences.loss_mask,
-          "desirable": rows.desirable.astype(np.int32)}
+          "loss_mask": rows.sequences.loss_mask, "desirable": rows.desirable.astype(np.int32)}
 
 
-def kto_loss_fn(module, cfg: ml_collections.ConfigDict):
+def stream_successors(batch_size: int, process_count: int) -> np.ndarray:
+  """[batch_size] row indices: row r's successor holds the example that follows row r's in the
+  data stream (the last wraps to the first), for a global batch assembled from the processes'
+  equal local batches in process order.
+
+  data.DataIterator gives process p of P the stream positions g = i·P + p, so local row i of
+  process p (global row p·L + i, L = batch_size / P) holds position i·P + p of the batch. With
+  one process this is simply r + 1 (mod batch_size); with several it is not the next row.
+  """
+  if batch_size % process_count:
+    raise ValueError(f"global batch {batch_size} does not split over {process_count} processes")
+  local = batch_size // process_count
+  rows = np.arange(batch_size)
+  nxt = ((rows % local) * process_count + rows // local + 1) % batch_size
+  return (nxt % process_count) * local + nxt // process_count
+
+
+def mismatched_rows(batch, prompt_len: int, successors: np.ndarray):
+  """(ids, mask, loss_mask) of the KL rows: each prompt with the completion of the next example
+  of the stream (`stream_successors`), whose log-ratio estimates the batch KL z₀ (Ethayarajh
+  et al. 2024, arXiv:2402.01306, sec. 4).
+
+  Built from the *global* batch inside the step, so the pairs are the same with one process or
+  many (GSPMD moves the completions between devices); shifting rows within each process's
+  local batch on the host would pair different examples for every process count. Prompts are
+  left-padded to prompt_len and completions right-padded after it, so a completion moves with
+  its mask and loss mask and stays a valid row.
+  """
+  def swap(x):
+    return jnp.concatenate([x[:, :prompt_len], x[successors, prompt_len:]], 1)
+  return swap(batch["ids"]), swap(batch["mask"]), swap(batch["loss_mask"])
+
+
+def kto_loss_fn(module, cfg: ml_collections.ConfigDict, prompt_len: int):
   """loss_fn for step.make_train_step: summed KTO losses; count = examples. The reference is
   the frozen "ref" state entry (KTO needs reference log-probs of the mismatched rows too)."""
   def logps(params, ids, mask, loss_mask):
-    logits = module.apply({"params": params}, ids, mask)
-    return _masked_sums(models.token_logprobs(logits[:, :-1], ids[:, 1:]), loss_mask)[0]
+    return response_sums(module, params, ids, mask, loss_mask, prompt_len)[0]
 
   def loss_fn(params, batch, rng, ref):
     del rng
     b = batch["ids"].shape[0]
-    ids = jnp.concatenate([batch["ids"], batch["kl_ids"]])
-    mask = jnp.concatenate([batch["mask"], batch["kl_mask"]])
-    loss_mask = jnp.concatenate([batch["loss_mask"], batch["kl_loss_mask"]])
+    kl_ids, kl_mask, kl_loss_mask = mismatched_rows(
+        batch, prompt_len, stream_successors(b, jax.process_count()))
+    ids = jnp.concatenate([batch["ids"], kl_ids])
+    mask = jnp.concatenate([batch["mask"], kl_mask])
+    loss_mask = jnp.concatenate([batch["loss_mask"], kl_loss_mask])
     policy = logps(params, ids, mask, loss_mask)
     reference = jax.lax.stop_gradient(logps(ref, ids, mask, loss_mask))
     losses, metrics = objectives.kto_loss(
@@ -297,12 +332,13 @@ def make_eval_fn(module, ref_params, eval_pairs, tok, mesh, cfg):
 
 
 def run_preference(config: ml_collections.ConfigDict, workdir: str, *, task=None,
-                   policy=None, train_pairs=None, eval_pairs=None):
+                   policy=None, train_pairs=None, eval_pairs=None, reference=None):
   """Trains the policy with config.dpo.loss; returns (module, params, results).
 
   policy: (module, params) to start from (e.g. the SFT stage's); by default a local HF
   directory (config.dpo.init_hf_dir) or, failing that, a fresh init of config.model.
-  The reference is the starting policy.
+  reference: params (of the policy's module) for the frozen reference; by default the starting
+  policy, as in the papers (e.g. continue from a later checkpoint against the SFT reference).
   """
   cfg = config.dpo
   if cfg.reference not in REFERENCE_MODES:
@@ -344,9 +380,13 @@ def run_preference(config: ml_collections.ConfigDict, workdir: str, *, task=None
   if lora_cfg is not None and cfg.ref_sync_every:
     raise ValueError("config.dpo.ref_sync_every (TR-DPO) moves the reference, but with "
                      "config.lora.rank > 0 the reference is the frozen base; set one to 0")
+  if reference is not None and (lora_cfg is not None or cfg.reference == "none"):
+    raise ValueError("run_preference(reference=...) needs config.dpo.reference 'model' or "
+                     "'precomputed' and no LoRA (with config.lora.rank > 0 the reference is "
+                     "the frozen base)")
   # The reference: a copy, since the policy's buffers are donated to the first step.
-  ref_params = (None if cfg.reference == "none" else
-                params if lora_cfg is not None else jax.tree.map(jnp.copy, params))
+  ref_params = (None if cfg.reference == "none" else params if lora_cfg is not None else
+                jax.tree.map(jnp.copy, params if reference is None else reference))
 
   tx, _ = optim.make_optimizer(cfg.optim, cfg.steps)
   trainable = (jax.tree.map(jnp.copy, params) if lora_cfg is None else models.lora.init_sharded(
@@ -391,7 +431,7 @@ def run_preference(config: ml_collections.ConfigDict, workdir: str, *, task=None
   def make_iterator(position):
     return data.DataIterator(source, batcher, seed=config.seed, position=position)
 
-  loss_fn = (kto_loss_fn(module, cfg) if is_kto else
+  loss_fn = (kto_loss_fn(module, cfg, tok.max_prompt_len) if is_kto else
              preference_loss_fn(module, cfg, tok.max_prompt_len))
   if lora_cfg is None:
     step_fn = state_lib.jit_step(step_lib.make_train_step(
