@@ -62,7 +62,7 @@ def test_targets_select_kernels_and_apply_matches_hand_computation(base):
   adapters = _random_b(models.init_lora(params, cfg, jax.random.key(2)))
   assert sorted(adapters["backbone"]["block_1"]) == ["attn", "mlp"]
   assert sorted(adapters["backbone"]["block_1"]["attn"]) == ["q", "v"]
-  merged = models.apply_lora(params, adapters, cfg.scale)
+  merged = models.lora.fold_lora(params, adapters, cfg.scale)
   before, after = _kernel_paths(params), _kernel_paths(merged)
   assert before.keys() == after.keys()
   for path, w in before.items():
@@ -73,6 +73,18 @@ def test_targets_select_kernels_and_apply_matches_hand_computation(base):
       np.testing.assert_allclose(after[path], want, rtol=0, atol=1e-6, err_msg=path)
     else:
       np.testing.assert_array_equal(after[path], w, err_msg=path)
+  # apply_lora leaves every base array as it is and puts A, B and the scale beside the
+  # adapted kernels, which the decoder applies unmerged: the same forward as the folded kernels.
+  attached = models.apply_lora(params, adapters, cfg.scale)
+  q = attached["backbone"]["block_1"]["attn"]["q"]
+  assert q["kernel"] is params["backbone"]["block_1"]["attn"]["q"]["kernel"]
+  assert q["lora_a"] is adapters["backbone"]["block_1"]["attn"]["q"]["a"]
+  assert float(q["lora_scale"]) == 3.0 and "lora_a" not in attached["backbone"]["block_1"]["attn"]["k"]
+  module = models.build_model(CFG)
+  ids = np.random.RandomState(4).randint(2, 50, (2, 9)).astype(np.int32)
+  forward = jax.jit(lambda p: module.apply({"params": p}, ids))
+  np.testing.assert_allclose(np.asarray(forward(attached)), np.asarray(forward(merged)),
+                             atol=2e-5, rtol=0)
   with pytest.raises(ValueError, match="config.lora.targets='lm_head'"):
     models.init_lora(params, models.LoRAConfig(rank=2, targets="lm_head"), jax.random.key(0))
 
@@ -155,6 +167,10 @@ def test_dpo_stage_with_lora(base, tmp_path):
   changed = {p for p, x in _kernel_paths(merged).items()
              if not np.array_equal(x, _kernel_paths(params)[p])}
   assert changed and all("/attn/" in p and p.endswith("/kernel") for p in changed), changed
+  # With LoRA the reference is the frozen base: a separate one is refused, not ignored.
+  with pytest.raises(ValueError, match=r"reference=\.\.\.\) needs .* and no LoRA"):
+    pref.run_preference(config, str(tmp_path / "ref"), task=task, policy=(module, params),
+                        train_pairs=pairs, eval_pairs=pairs, reference=params)
 
 
 def test_lora_step_needs_less_memory_than_full_fine_tuning():

@@ -1,14 +1,18 @@
 """LoRA (Hu et al. 2021, arXiv:2106.09685): low-rank adapters on the decoder's 2-D kernels.
 
-Pure-functional, so the decoder module is untouched: an adapter tree mirrors the params tree
-down to each targeted module and holds A [in, r] and B [r, out] there;
-    apply_lora(base, adapters, scale) = base with every targeted kernel W -> W + scale · A @ B
-is what `module.apply({"params": ...})` receives. B starts at zero, so a fresh adapter leaves
-the model exactly as it was, and the reference model of DPO/PPO is the base itself (adapters
-off, no second copy of the params). Training differentiates the adapters only: the base is a
-frozen input of the step, never in the optimiser state and never donated or checkpointed (the
-stage rebuilds it, as it rebuilds a PPO reference). `merge_lora` gives plain params for
-`save_hf`.
+Pure-functional: an adapter tree mirrors the params tree down to each targeted module and
+holds A [in, r] and B [r, out] there. What `module.apply({"params": ...})` receives is
+    apply_lora(base, adapters, scale) = base with A, B and the scale next to each targeted
+    kernel W, which the decoder's projections (models.transformer.Dense) apply unmerged:
+    y = x W + scale · (x A) B.
+So a step never builds W + scale · A B or its kernel-sized gradient (what folding the
+adapters into the kernels would cost in memory), and the base arrays are used as they are.
+B starts at zero, so a fresh adapter leaves the model exactly as it was, and the reference
+model of DPO/PPO is the base itself (adapters off, no second copy of the params). Training
+differentiates the adapters only: the base is a frozen input of the step, never in the
+optimiser state and never donated or checkpointed (the stage rebuilds it, as it rebuilds a PPO
+reference). `merge_lora` folds the adapters into plain params for `save_hf`, sampling outside
+a step and evaluation.
 
 Which kernels: config.lora.targets names modules, comma-separated; a kernel is adapted when
 any module on its path has one of the names: "attn" (q, k, v, o), "mlp" (gate, up, down; fc,
@@ -182,33 +186,50 @@ def _is_adapter(node) -> bool:
       isinstance(v, dict) for v in node.values())
 
 
-def apply_lora(base: PyTree, adapters: PyTree, scale: float) -> PyTree:
-  """Effective params: base with each adapted kernel W replaced by W + scale · A @ B (float32,
-  full-precision product); every other leaf is base's own array. With B = 0 this is W + 0 = W
-  bitwise, so a fresh adapter gives exactly the base model's outputs."""
-  def merge(base_node, lora_node, where):
+def _attach(base: PyTree, adapters: PyTree, adapt: Callable) -> PyTree:
+  """base with adapt(module params, adapter, path) in place of each adapted module's params;
+  every other leaf is base's own array."""
+  def walk(base_node, lora_node, where):
     out = dict(base_node)
     for name, sub in lora_node.items():
+      path = where + (name,)
       if name not in base_node:
-        raise KeyError(f"LoRA adapter at {'/'.join(where + (name,))} has no base params; "
-                       "adapters and base must come from the same ModelConfig")
+        raise KeyError(f"LoRA adapter at {'/'.join(path)} has no base params; adapters and "
+                       "base must come from the same ModelConfig")
       if _is_adapter(sub):
         kernel = base_node[name]["kernel"]
         if (sub["a"].shape[0], sub["b"].shape[1]) != kernel.shape:
-          raise ValueError(f"LoRA adapter at {'/'.join(where + (name,))}: A {sub['a'].shape} @ "
+          raise ValueError(f"LoRA adapter at {'/'.join(path)}: A {sub['a'].shape} @ "
                            f"B {sub['b'].shape} does not match the kernel {kernel.shape}")
-        delta = jnp.matmul(sub["a"], sub["b"], precision=jax.lax.Precision.HIGHEST)
-        out[name] = {**base_node[name],
-                     "kernel": kernel + (scale * delta).astype(kernel.dtype)}
+        out[name] = adapt(base_node[name], sub)
       else:
-        out[name] = merge(base_node[name], sub, where + (name,))
+        out[name] = walk(base_node[name], sub, path)
     return out
-  return merge(base, adapters, ())
+  return walk(base, adapters, ())
+
+
+def apply_lora(base: PyTree, adapters: PyTree, scale: float) -> PyTree:
+  """Effective params for `module.apply`: base with "lora_a", "lora_b" and "lora_scale" next
+  to each adapted kernel, applied unmerged by the decoder's projections (module docstring).
+  The base arrays are not copied. With B = 0 the update is exactly 0, so a fresh adapter
+  gives exactly the base model's outputs."""
+  return _attach(base, adapters, lambda module, ad: {
+      **module, "lora_a": ad["a"], "lora_b": ad["b"], "lora_scale": jnp.float32(scale)})
+
+
+def fold_lora(base: PyTree, adapters: PyTree, scale: float) -> PyTree:
+  """Plain params: each adapted kernel W replaced by W + scale · A @ B (float32,
+  full-precision product). With B = 0 this is W + 0 = W bitwise."""
+  def fold(module, ad):
+    delta = jnp.matmul(ad["a"], ad["b"], precision=jax.lax.Precision.HIGHEST)
+    return {**module, "kernel": module["kernel"] + (scale * delta).astype(
+        module["kernel"].dtype)}
+  return _attach(base, adapters, fold)
 
 
 @jax.jit
 def _merge_jit(base, adapters, scale):
-  return apply_lora(base, adapters, scale)
+  return fold_lora(base, adapters, scale)
 
 
 def merge_lora(base: PyTree, adapters: PyTree, scale: float) -> PyTree:
@@ -223,7 +244,7 @@ def merge_lora(base: PyTree, adapters: PyTree, scale: float) -> PyTree:
 def lora_loss_fn(loss_fn: Callable, scale: float, base_is_reference: bool) -> Callable:
   """A loss over adapters: loss(adapters, batch, rng, base, *extra) evaluates
   loss_fn(apply_lora(base, adapters), batch, rng, [base,] *extra). With base_is_reference the
-  base is also passed on as the frozen reference (the same buffers: no second copy)."""
+  base is also passed on as the frozen reference (the same buffers, without the adapters)."""
   def wrapped(adapters, batch, rng, base, *extra):
     params = apply_lora(base, adapters, scale)
     return loss_fn(params, batch, rng, *((base,) if base_is_reference else ()), *extra)

@@ -30,10 +30,31 @@ def _rows(x: jax.Array) -> jax.Array:
   return x.reshape(-1, x.shape[-1])
 
 
+class Dense(nn.Dense):
+  """nn.Dense, plus a LoRA update when its params carry one: y = x W + b + scale · (x A) B.
+
+  `models.lora.apply_lora` puts A ("lora_a" [in, r]), B ("lora_b" [r, out]) and the scale
+  ("lora_scale", a float32 scalar) next to the kernel of each adapted projection. Applying the
+  update to the activations instead of folding A B into W means no merged copy of the kernels
+  and no kernel-sized gradient: the backward pass only produces r-wide products. Without
+  those entries (plain params, init, export) this is nn.Dense exactly.
+  """
+
+  @nn.compact
+  def __call__(self, inputs):
+    y = super().__call__(inputs)
+    if not self.has_variable("params", "lora_a"):
+      return y
+    dtype = self.dtype or jnp.float32
+    a, b = (self.get_variable("params", n).astype(dtype) for n in ("lora_a", "lora_b"))
+    scale = self.get_variable("params", "lora_scale").astype(dtype)
+    return y + scale * jnp.dot(jnp.dot(inputs.astype(dtype), a), b)
+
+
 def _dense(features, names, cfg: ModelConfig, *, use_bias, std=0.02, name=None):
-  return nn.Dense(features, use_bias=use_bias, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
-                  kernel_init=_kernel(_normal(std), names),
-                  bias_init=_kernel(nn.initializers.zeros, names[1:]), name=name)
+  return Dense(features, use_bias=use_bias, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+               kernel_init=_kernel(_normal(std), names),
+               bias_init=_kernel(nn.initializers.zeros, names[1:]), name=name)
 
 
 class RMSNorm(nn.Module):

@@ -12,9 +12,11 @@ value is a head on the policy backbone, config.ppo.value = "head") under one opt
 reference policy and the reward model are frozen and passed to the jitted functions as
 arguments, never stored in the checkpoint (they are rebuilt from their own stages on resume).
 With LoRA (config.lora.rank > 0) "policy" holds {"lora": adapters (+ "value_head")}: the
-policy is the reference with the adapters folded in, so the reference doubles as the frozen
-base and there is no second copy of the policy (a separate value network stays full).
+policy is the reference with the adapters attached (models.lora.apply_lora, applied unmerged),
+so the reference doubles as the frozen base and there is no second copy of the policy (a
+separate value network stays full).
 """
+import functools
 import os
 
 import jax
@@ -163,7 +165,7 @@ class PPOTrainer:
     self.value_module = value_module
     self.ref_params, self.reward_module, self.rm_params = ref_params, reward_module, rm_params
     self.lora = models.lora.config_from(config.get("lora"))
-    self._merged_policy = jax.jit(self.policy_params)
+    self._merged_policy = jax.jit(functools.partial(self.policy_params, fold=True))
     tok = task.tokenize_config
     self.prompt_len = tok.max_prompt_len
     self.sampling_cfg = sampling.SamplingConfig(
@@ -183,14 +185,16 @@ class PPOTrainer:
     rows = self.cfg.prompts_per_iter * self.cfg.group_size
     return self.cfg.epochs * (rows // self.cfg.minibatch_size)
 
-  def policy_params(self, params, base):
+  def policy_params(self, params, base, fold: bool = False):
     """The policy's (or policy_value's) params from the trainable tree: params["policy"], or
-    with LoRA the base (= the reference) with the adapters folded in."""
+    with LoRA the base (= the reference) with the adapters attached (applied unmerged inside a
+    step) or, with `fold`, folded into plain kernels."""
     if self.lora is None:
       return params["policy"]
     trainable = dict(params["policy"])
     adapters = trainable.pop("lora")
-    return {**models.apply_lora(base, adapters, self.lora.scale), **trainable}
+    attach = models.lora.fold_lora if fold else models.apply_lora
+    return {**attach(base, adapters, self.lora.scale), **trainable}
 
   def effective(self, params, base):
     return {**params, "policy": self.policy_params(params, base)}
