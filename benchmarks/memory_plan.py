@@ -200,7 +200,8 @@ def markdown_table(rows: list[dict]) -> str:
       f"Per-device bytes from `memory_analysis()` of the compiled (never run) train step on "
       f"{first['devices']} simulated CPU devices, float32 params and AdamW moments; "
       f"{first['batch']} pairs (dpo) / rollouts (ppo) of prompt {first['prompt']} + response "
-      f"{first['response']}; LoRA rank {rank} on attention and MLP kernels. "
+      f"{first['response']}; LoRA rank {rank} on attention and MLP kernels, applied "
+      "unmerged (x W + s·(x A) B: no merged kernels, no kernel-sized gradients). "
       "total = argument + output − aliased + temp + generated code (MiB). Written by:",
       "",
       "```bash",
