@@ -99,6 +99,9 @@ def test_merged_export_equals_the_adapted_forward(base, tmp_path):
   forward = jax.jit(lambda p: module.apply({"params": p}, ids))
   adapted = np.asarray(forward(models.apply_lora(params, adapters, cfg.scale)))
   assert np.abs(adapted - np.asarray(forward(params))).max() > 1e-3
+  # The attached (unmerged) params have no HF layout: refused, never exported as the base.
+  with pytest.raises(models.HFCheckpointError, match=r"no place in the llama HF layout.*merge_lora"):
+    models.save_hf(module, models.apply_lora(params, adapters, cfg.scale), tmp_path / "attached")
   models.save_hf(module, models.merge_lora(params, adapters, cfg.scale), tmp_path / "merged")
   loaded_module, loaded = models.load_hf(tmp_path / "merged")
   assert loaded_module.cfg.vocab_size == CFG.vocab_size

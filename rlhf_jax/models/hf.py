@@ -350,8 +350,20 @@ def hf_tensors(module: Transformer, params) -> Iterator[tuple[str, np.ndarray]]:
   """(HF name, float32 array) pairs of a policy's params, in HF layout."""
   cfg = module.cfg
   params = nn.unbox(params)
+  plan = _plan(cfg, "policy")
+  # Nothing is dropped silently: a leaf the HF layout has no place for (LoRA adapters attached
+  # by apply_lora, a value head, ...) is an error, not a smaller checkpoint.
+  exported = {ours for ours, _, _ in plan}
+  extra = sorted("/".join(str(k.key) for k in path)
+                 for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+                 if tuple(str(k.key) for k in path) not in exported)
+  if extra:
+    hint = (" (LoRA adapters: export models.merge_lora(base, adapters, scale))"
+            if any("/lora_" in name for name in extra) else "")
+    raise HFCheckpointError(f"save_hf: {len(extra)} param(s) have no place in the "
+                            f"{cfg.arch} HF layout, e.g. {extra[:3]}{hint}")
   qkv: dict[str, list] = {}
-  for ours, theirs, layout in _plan(cfg, "policy"):
+  for ours, theirs, layout in plan:
     value = _host(_get(params, ours))
     if layout.startswith("qkv:"):
       qkv.setdefault(theirs, []).append(value)
