@@ -247,13 +247,19 @@ def test_ppo_iteration_with_lora_trains_the_adapters():
                                          rm=(rm_module, rm_params))
   assert trainer.ref_params is sft  # The reference is the base itself: no copy.
   assert sorted(params["policy"]) == ["lora", "value_head"] and "value" not in params
-  state = trainer.init_state(params, jax.random.key(3))
+  fresh = lambda: trainer.init_state(jax.tree.map(jnp.copy, params), jax.random.key(3))
+  state = fresh()
   assert {x.shape for x in jax.tree.leaves(state["opt"]) if x.ndim} <= {
       x.shape for x in jax.tree.leaves(params)}
   prompts = next(ppo_lib.prompt_iterator(task, config, 0))
   ids, mask = jnp.asarray(prompts["ids"]), jnp.asarray(prompts["mask"])
   with parallel.mesh_context(mesh, "fsdp"):
     host, out = trainer.host_iteration(state, ids, mask, None)
+    # The one-program iteration (rollout with the unmerged adapters, scoring, updates) agrees.
+    fused, out_f = jax.jit(trainer.fused_iteration)(fresh(), ids, mask, trainer.ref_params,
+                                                    trainer.rm_params)
+  np.testing.assert_array_equal(out_f["samples"].tokens, out["samples"].tokens)
+  chex.assert_trees_all_close(fused["params"], host["params"], atol=1e-5, rtol=1e-5)
   assert int(host["step"]) == 2 and out["metrics"]["skipped"] == 0
   # At the first rollout the adapters are fresh, so the policy equals the reference.
   np.testing.assert_allclose(out["batch"]["old_logp"], out["batch"]["ref_logp"], atol=1e-5)
