@@ -121,8 +121,8 @@ def main():
                                                                          "eval"))
   out["ppo_params"] = checksum(ppo_params)
 
-  # KTO: the batch-KL rows pair each row with the next one of the *global* batch (built in the
-  # step), so 2 processes must match 1 here too. The KL estimate z0 = max(0, mean log-ratio of
+  # KTO: the batch-KL rows pair each example with the next example of the data stream (built
+  # in the step from the global batch), so 2 processes must match 1 here too. The KL estimate z0 = max(0, mean log-ratio of
   # those rows) only matters when it is positive, so the run starts from the PPO policy against
   # the DPO policy as reference (a reference equal to the start gives z0 = 0 at first).
   kto_config = make_config().unlock()

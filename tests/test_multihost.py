@@ -92,8 +92,9 @@ def test_dpo_and_ppo_match_one_process(runs):
 
 
 def test_kto_matches_one_process(runs):
-  """KTO's batch-KL rows pair row i with row i+1 of the global batch, so the two processes
-  (each collating half of every batch) must train exactly as one process does."""
+  """KTO's batch-KL rows pair each example with the next example of the data stream, built in
+  the step from the global batch, so the two processes (each collating its strided half of
+  every batch) must train exactly as one process does."""
   one, (p0, p1) = runs
   _assert_metrics_close(p0["kto_metrics"], one["kto_metrics"], "kto")
   assert len(one["kto_metrics"]) == 3
@@ -166,4 +167,3 @@ def test_single_process_helpers():
   assert distributed.local_batch_size(8, "config.dpo.batch_size") == 8
   assert distributed.process_seed(3) == distributed.process_seed(3) != distributed.process_seed(4)
   assert jax.random.key_data(distributed.fold_in_process(jax.random.key(0))).shape == (2,)
-
