@@ -44,3 +44,55 @@ def run_python(code_or_args, env=None, timeout=600):
     pytest.fail(f"subprocess failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout[-4000:]}\n"
                 f"STDERR:\n{proc.stderr[-8000:]}")
   return proc.stdout
+
+
+# A 1-layer, 32-wide model: what the stage and reproduction tests train.
+TINY_MODEL = dict(d_model=32, n_layers=1, n_heads=2, mlp_dim=64)
+
+
+def experiment_config(path, arg="runlocal", tiny=True):
+  """get_config(arg) of experiments/<path>, unlocked; with `tiny`, the model is TINY_MODEL."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("cfg", REPO_ROOT / "experiments" / path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  config.unlock()
+  if tiny:
+    config.model.update(TINY_MODEL)
+  return config
+
+
+def ppo_world(config, mesh, rm_members=1):
+  """(task, policy module, SFT params, reward module, RM ensemble params) for a PPO test:
+  the config's task and model, random SFT weights (seed 0) and an `rm_members` ensemble."""
+  import jax.numpy as jnp
+  from rlhf_jax import configs, models, parallel
+  from rlhf_jax.train import reward as reward_lib
+  from rlhf_jax.train import task as task_lib
+  task = task_lib.build_task(config.task)
+  cfg = configs.model_config(config.model, task.vocab_size)
+  policy = models.build_model(cfg)
+  sft = parallel.init_params(policy, jax.random.key(0), jnp.ones((1, 4), jnp.int32), mesh=mesh)
+  rm_module = models.build_model(cfg, "reward")
+  rm_params = reward_lib.init_ensemble(
+      rm_module, jax.random.split(jax.random.key(1), rm_members), mesh, "fsdp")
+  return task, policy, sft, rm_module, rm_params
+
+
+def ragged_pairs(n, prompt_len, response_len, vocab=50):
+  """(pairs, TokenizeConfig): `n` preference pairs with prompts and responses of varied
+  lengths, EOS (= 1) ending each response, PAD = 0, tokens drawn from [3, vocab)."""
+  import numpy as np
+  from rlhf_jax import data
+  rng = np.random.RandomState(0)
+  pairs = []
+  for i in range(n):
+    prompt = rng.randint(3, vocab, size=1 + i % prompt_len).astype(np.int32)
+    chosen = np.append(rng.randint(3, vocab, size=i % (response_len - 1)), 1).astype(np.int32)
+    rejected = np.append(rng.randint(3, vocab, size=(i + 2) % (response_len - 1)),
+                         1).astype(np.int32)
+    pairs.append(data.TokenizedPair(prompt, chosen, rejected))
+  tok = data.TokenizeConfig(eos_id=1, pad_id=0, max_prompt_len=prompt_len,
+                            max_response_len=response_len, vocab_size=vocab)
+  return pairs, tok

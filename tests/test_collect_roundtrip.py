@@ -2,7 +2,6 @@
 a reward-model run on the exported file (CLI) -> that reward model labels the rest of the
 queue. And: an SFT checkpoint of ours as the policy, and the gold labeller (exact and noisy).
 """
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import REPO_ROOT, run_python
+from conftest import REPO_ROOT, experiment_config, run_python
 from rlhf_jax import configs, data, models, parallel
 from rlhf_jax.collect import checkpoints, generate, label, report
 from rlhf_jax.collect import db as db_lib
@@ -22,13 +21,6 @@ from rlhf_jax.train import task as task_lib
 from test_collect_support import Client, make_round, rows, running_server
 
 TINY = dict(d_model=32, n_layers=1, n_heads=2, mlp_dim=64, max_len=64)
-
-
-def _load_config(relative, arg):
-  spec = importlib.util.spec_from_file_location("cfg", REPO_ROOT / relative)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +156,7 @@ def test_cli_errors_are_one_clear_line(tmp_path):
 def test_sft_checkpoint_policy_and_gold_labels(tmp_path):
   # An SFT checkpoint exactly as our loop writes it: state {params, opt, step, rng} plus the
   # run's config in `extra`.
-  sft_config = _load_config("experiments/quickstart.py", "runlocal")
+  sft_config = experiment_config("quickstart.py", tiny=False)
   sft_config.model.update(TINY)
   task = task_lib.build_task(sft_config.task)
   module = models.build_model(configs.model_config(sft_config.model, task.vocab_size))
@@ -180,7 +172,7 @@ def test_sft_checkpoint_policy_and_gold_labels(tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                restored.params, params)
 
-  config = _load_config("experiments/collect/review_world.py", "runlocal")
+  config = experiment_config("collect/review_world.py", tiny=False)
   config.policy.path = str(tmp_path / "sft")
   config.sampling.max_new_tokens = 8
   summary = generate.run_generate(config, str(tmp_path / "round"))

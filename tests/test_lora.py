@@ -9,8 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import REPO_ROOT
-from rlhf_jax import configs, data, models, parallel
+from conftest import experiment_config, ppo_world, ragged_pairs
+from rlhf_jax import configs, models, parallel
 from rlhf_jax.train import preference as pref
 from rlhf_jax.train import step as step_lib
 
@@ -108,22 +108,9 @@ def test_merged_export_equals_the_adapted_forward(base, tmp_path):
   np.testing.assert_allclose(np.asarray(forward(loaded)), adapted, atol=1e-5, rtol=0)
 
 
-def _pairs():
-  rng = np.random.RandomState(0)
-  pairs = []
-  for i in range(8):  # Ragged prompts and responses, EOS (=1) at the end of each response.
-    prompt = rng.randint(3, 50, size=1 + i % PROMPT).astype(np.int32)
-    chosen = np.append(rng.randint(3, 50, size=i % (RESPONSE - 1)), 1).astype(np.int32)
-    rejected = np.append(rng.randint(3, 50, size=(i + 2) % (RESPONSE - 1)), 1).astype(np.int32)
-    pairs.append(data.TokenizedPair(prompt, chosen, rejected))
-  tok = data.TokenizeConfig(eos_id=1, pad_id=0, max_prompt_len=PROMPT,
-                            max_response_len=RESPONSE, vocab_size=50)
-  return pairs, tok
-
-
 def test_dpo_steps_train_only_the_adapters(base):
   module, params = base
-  pairs, tok = _pairs()
+  pairs, tok = ragged_pairs(8, PROMPT, RESPONSE)
   batch = pref.collate_pairs(pairs, tok, False)
   cfg = models.LoRAConfig(rank=4, alpha=8.0)
   mesh = parallel.make_mesh({"data": 1})
@@ -155,7 +142,7 @@ def test_dpo_steps_train_only_the_adapters(base):
 
 def test_dpo_stage_with_lora(base, tmp_path):
   module, params = base
-  pairs, tok = _pairs()
+  pairs, tok = ragged_pairs(8, PROMPT, RESPONSE)
   config = configs.review_world_base()
   configs.add_review_world_stages(config)
   config.lora.update(dict(rank=4, alpha=8.0, targets="attn"))
@@ -221,28 +208,13 @@ def test_ppo_iteration_with_lora_trains_the_adapters():
   """PPO with a value head on the LoRA policy: the optimiser holds the adapters and the head;
   the reference is the base (adapters off); one host-driven iteration (the default path) moves
   only the adapted kernels."""
-  import importlib.util
   from rlhf_jax.train import ppo as ppo_lib
-  from rlhf_jax.train import reward as reward_lib
-  from rlhf_jax.train import task as task_lib
-  spec = importlib.util.spec_from_file_location(
-      "ppo_cfg", REPO_ROOT / "experiments" / "ppo" / "review_world.py")
-  cfg_module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(cfg_module)
-  config = cfg_module.get_config("runlocal,value=head")
-  config.unlock()
-  config.model.update(dict(d_model=32, n_layers=1, n_heads=2, mlp_dim=64))
+  config = experiment_config("ppo/review_world.py", "runlocal,value=head")
   config.ppo.update(dict(prompts_per_iter=8, minibatch_size=4, max_new_tokens=6, epochs=1))
   config.ppo.optim.lr = 1e-2
   config.lora.update(dict(rank=2, alpha=4.0))
-  task = task_lib.build_task(config.task)
   mesh = parallel.make_mesh({"data": 1})
-  model_cfg = configs.model_config(config.model, task.vocab_size)
-  policy = models.build_model(model_cfg)
-  sft = parallel.init_params(policy, jax.random.key(0), jnp.ones((1, 4), jnp.int32), mesh=mesh)
-  rm_module = models.build_model(model_cfg, "reward")
-  rm_params = reward_lib.init_ensemble(rm_module, jax.random.split(jax.random.key(1), 1), mesh,
-                                       "fsdp")
+  task, policy, sft, rm_module, rm_params = ppo_world(config, mesh)
   trainer, params = ppo_lib.make_trainer(config, task, mesh, policy=(policy, sft),
                                          rm=(rm_module, rm_params))
   assert trainer.ref_params is sft  # The reference is the base itself: no copy.

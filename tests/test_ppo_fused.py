@@ -1,47 +1,25 @@
 """PPO's one-jit iteration: equal to the host-driven one, and vmappable over a scalar sweep."""
-import importlib.util
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import experiment_config, ppo_world
 from rlhf_jax import models, parallel
 from rlhf_jax.train import ppo as ppo_lib
-from rlhf_jax.train import reward as reward_lib
-from rlhf_jax.train import task as task_lib
-
-
-def _config():
-  spec = importlib.util.spec_from_file_location(
-      "ppo_cfg", REPO_ROOT / "experiments" / "ppo" / "review_world.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("runlocal")
-  c.unlock()
-  c.model.update(dict(d_model=32, n_layers=1, n_heads=2, mlp_dim=64))
-  c.ppo.update(dict(prompts_per_iter=8, minibatch_size=4, max_new_tokens=6, epochs=2))
-  return c
 
 
 @pytest.fixture(scope="module")
 def trainer_and_state():
-  config = _config()
-  task = task_lib.build_task(config.task)
+  config = experiment_config("ppo/review_world.py")
+  config.ppo.update(dict(prompts_per_iter=8, minibatch_size=4, max_new_tokens=6, epochs=2))
   mesh = parallel.make_mesh({"data": 1})
-  from rlhf_jax import configs
-  cfg = configs.model_config(config.model, task.vocab_size)
-  policy = models.build_model(cfg)
-  sample = jnp.ones((1, 4), jnp.int32)
-  sft = parallel.init_params(policy, jax.random.key(0), sample, mesh=mesh)
-  rm_module = models.build_model(cfg, "reward")
-  rm_params = reward_lib.init_ensemble(rm_module, jax.random.split(jax.random.key(1), 2), mesh,
-                                       "fsdp")
-  value = models.build_model(cfg, "value")
+  task, policy, sft, rm_module, rm_params = ppo_world(config, mesh, rm_members=2)
+  value = models.build_model(policy.cfg, "value")
   params = {"policy": sft, "value": models.transfer_backbone(
-      sft, parallel.init_params(value, jax.random.key(2), sample, mesh=mesh))}
+      sft, parallel.init_params(value, jax.random.key(2), jnp.ones((1, 4), jnp.int32),
+                                mesh=mesh))}
   trainer = ppo_lib.PPOTrainer(config, task, mesh, policy_module=policy, value_module=value,
                                ref_params=sft, reward_module=rm_module, rm_params=rm_params)
   prompts = next(ppo_lib.prompt_iterator(task, config, 0))

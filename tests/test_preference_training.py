@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import run_python
+from conftest import ragged_pairs, run_python
 from rlhf_jax import data, models, parallel
 from rlhf_jax.train import preference as pref
 from rlhf_jax.train import step as step_lib
@@ -22,15 +22,7 @@ def setup():
   module = models.build_model(cfg)
   params = parallel.init_params(module, jax.random.key(0), np.ones((1, 4), np.int32))
   params = jax.tree.map(lambda x: x * 2.0, params)  # Sharper distributions.
-  rng = np.random.RandomState(0)
-  pairs = []
-  for i in range(6):  # Ragged prompts and responses, EOS (=1) at the end of each response.
-    prompt = rng.randint(3, 50, size=1 + i % PROMPT).astype(np.int32)
-    chosen = np.append(rng.randint(3, 50, size=i % (RESPONSE - 1)), 1).astype(np.int32)
-    rejected = np.append(rng.randint(3, 50, size=(i + 2) % (RESPONSE - 1)), 1).astype(np.int32)
-    pairs.append(data.TokenizedPair(prompt, chosen, rejected))
-  tok = data.TokenizeConfig(eos_id=1, pad_id=0, max_prompt_len=PROMPT,
-                            max_response_len=RESPONSE, vocab_size=50)
+  pairs, tok = ragged_pairs(6, PROMPT, RESPONSE)
   return module, params, pairs, tok
 
 

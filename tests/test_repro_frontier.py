@@ -1,6 +1,5 @@
 """Reproduction 1 (DPO vs PPO reward–KL frontier): the runlocal variant end to end, and the
 vmapped sweeps equal separate runs."""
-import importlib.util
 import json
 import types
 
@@ -9,24 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conftest import REPO_ROOT, run_python
-from rlhf_jax import configs, data, models, parallel
+from conftest import experiment_config, ppo_world, run_python
+from rlhf_jax import data, models, parallel
 from rlhf_jax.train import ppo as ppo_lib
 from rlhf_jax.train import preference as pref
 from rlhf_jax.train import reproductions
-from rlhf_jax.train import reward as reward_lib
 from rlhf_jax.train import sweep
-from rlhf_jax.train import task as task_lib
-
-
-def _experiment_config(path, arg="runlocal"):
-  spec = importlib.util.spec_from_file_location("cfg", REPO_ROOT / "experiments" / path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(arg)
-  c.unlock()
-  c.model.update(dict(d_model=32, n_layers=1, n_heads=2, mlp_dim=64))
-  return c
 
 
 def test_frontier_runlocal_writes_plot_and_table(tmp_path):
@@ -77,7 +64,7 @@ def _synthetic_pairs(tok, n=12, seed=0):
 
 
 def test_dpo_beta_sweep_equals_separate_run_preference(tmp_path):
-  config = _experiment_config("dpo/review_world.py")
+  config = experiment_config("dpo/review_world.py")
   config.dpo.update(dict(steps=3, batch_size=4, eval_every=3))
   config.dpo.optim.warmup_steps = 1
   config.dpo.optim.lr = 1e-2  # Large steps: a β that did not reach the loss would show.
@@ -110,18 +97,12 @@ def test_dpo_beta_sweep_equals_separate_run_preference(tmp_path):
 
 
 def test_ppo_target_kl_sweep_equals_separate_runs():
-  config = _experiment_config("ppo/review_world.py")
+  config = experiment_config("ppo/review_world.py")
   config.ppo.update(dict(prompts_per_iter=8, minibatch_size=4, max_new_tokens=6, epochs=1,
                          iterations=3, kl_coef=0.5, kl_horizon=16, fused=True))
   config.ppo.optim.lr = 1e-3
-  task = task_lib.build_task(config.task)
   mesh = parallel.make_mesh({"data": 1})
-  cfg = configs.model_config(config.model, task.vocab_size)
-  policy = models.build_model(cfg)
-  sft = parallel.init_params(policy, jax.random.key(0), np.ones((1, 4), np.int32), mesh=mesh)
-  rm_module = models.build_model(cfg, "reward")
-  rm_params = reward_lib.init_ensemble(rm_module, jax.random.split(jax.random.key(1), 1), mesh,
-                                       "fsdp")
+  task, policy, sft, rm_module, rm_params = ppo_world(config, mesh)
   # Far below and far above the observed KL. Iteration 1's KL is exactly 0 (policy = reference),
   # so both lower the coefficient alike; they part once an iteration observes a positive KL.
   targets = [1e-6, 50.0]
