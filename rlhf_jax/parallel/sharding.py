@@ -87,12 +87,15 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *(None,) * (ndim - 1)))
 
 
+def put_process_local(x, sharding: NamedSharding) -> jax.Array:
+  """A global array from this process's part of it: the whole array on one process, this
+  process's slice of the sharded axes on multi-host."""
+  x = np.asarray(x)
+  if jax.process_count() > 1:
+    return jax.make_array_from_process_local_data(sharding, x)
+  return jax.device_put(x, sharding)
+
+
 def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
   """Places a host batch (global on one process, or this process's slice on multi-host)."""
-  def put(x):
-    x = np.asarray(x)
-    sharding = batch_sharding(mesh, x.ndim)
-    if jax.process_count() > 1:
-      return jax.make_array_from_process_local_data(sharding, x)
-    return jax.device_put(x, sharding)
-  return jax.tree.map(put, batch)
+  return jax.tree.map(lambda x: put_process_local(x, batch_sharding(mesh, np.ndim(x))), batch)

@@ -139,11 +139,8 @@ def shard_members(batch, mesh):
   """[k, B, ...] arrays: members replicated, pairs split over data x fsdp. Multi-host: B is
   this process's share (its slice of the stream), assembled into the global batch."""
   def put(x):
-    sharding = NamedSharding(mesh, P(None, parallel.sharding.BATCH_AXES,
-                                     *(None,) * (x.ndim - 2)))
-    if jax.process_count() > 1:
-      return jax.make_array_from_process_local_data(sharding, np.asarray(x))
-    return jax.device_put(x, sharding)
+    return parallel.sharding.put_process_local(x, NamedSharding(
+        mesh, P(None, parallel.sharding.BATCH_AXES, *(None,) * (np.ndim(x) - 2))))
   return jax.tree.map(put, batch)
 
 
