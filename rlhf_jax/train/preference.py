@@ -119,14 +119,21 @@ def pair_logps(module, params, batch, *, prompt_len: int, shared_prefix: bool):
 # Loss and step
 # ---------------------------------------------------------------------------------------------
 
-def preference_loss_fn(module, cfg: ml_collections.ConfigDict, prompt_len: int):
-  """loss_fn for step.make_train_step: the summed per-pair losses; count = pairs."""
+def preference_loss_fn(module, cfg: ml_collections.ConfigDict, prompt_len: int,
+                       beta_in_state: bool = False):
+  """loss_fn for step.make_train_step: the summed per-pair losses; count = pairs.
+
+  Its extra state entries are the reference params ("ref", for config.dpo.reference = "model")
+  and, with `beta_in_state`, β as the last one (a traced scalar instead of config.dpo.beta, so
+  a vmap over stacked states sweeps it: train.sweep).
+  """
   hparams = {k: cfg[k] for k in LOSS_HPARAMS.get(cfg.loss, ())}
   logps_of = lambda p, b: pair_logps(module, p, b, prompt_len=prompt_len,
                                      shared_prefix=cfg.shared_prefix)
 
-  def loss_fn(params, batch, rng, *ref):
+  def loss_fn(params, batch, rng, *extra):
     del rng
+    ref, beta = (extra[:-1], extra[-1]) if beta_in_state else (extra, cfg.beta)
     s_c, s_r, n_c, n_r = logps_of(params, batch)
     if cfg.reference == "model":
       ref_c, ref_r, _, _ = jax.lax.stop_gradient(logps_of(ref[0], batch))
@@ -137,7 +144,7 @@ def preference_loss_fn(module, cfg: ml_collections.ConfigDict, prompt_len: int):
     logps = objectives.PreferenceLogps(policy_chosen=s_c, policy_rejected=s_r, ref_chosen=ref_c,
                                        ref_rejected=ref_r, chosen_tokens=n_c,
                                        rejected_tokens=n_r)
-    losses, metrics = objectives.preference_loss(cfg.loss, logps, beta=cfg.beta,
+    losses, metrics = objectives.preference_loss(cfg.loss, logps, beta=beta,
                                                  nll_weight=cfg.nll_weight, **hparams)
     pairs = jnp.asarray(losses.shape[0], jnp.float32)
     # Batch means -> sums, so that accumulation renormalises by the global pair count.

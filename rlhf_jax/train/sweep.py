@@ -66,28 +66,6 @@ def _due(step: int, every: int, last: int) -> bool:
 # DPO over β: one vmapped step
 # ---------------------------------------------------------------------------------------------
 
-def beta_loss_fn(module, cfg: ml_collections.ConfigDict, prompt_len: int):
-  """preference_lib.preference_loss_fn with β read from the state ("beta", a traced scalar)
-  instead of the config, so that a vmap over stacked states sweeps it. The reference is the
-  frozen "ref" entry (config.dpo.reference = "model")."""
-  hparams = {k: cfg[k] for k in preference_lib.LOSS_HPARAMS.get(cfg.loss, ())}
-  logps_of = lambda p, b: preference_lib.pair_logps(module, p, b, prompt_len=prompt_len,
-                                                    shared_prefix=cfg.shared_prefix)
-
-  def loss_fn(params, batch, rng, ref, beta):
-    del rng
-    s_c, s_r, n_c, n_r = logps_of(params, batch)
-    ref_c, ref_r, _, _ = jax.lax.stop_gradient(logps_of(ref, batch))
-    logps = objectives.PreferenceLogps(policy_chosen=s_c, policy_rejected=s_r, ref_chosen=ref_c,
-                                       ref_rejected=ref_r, chosen_tokens=n_c,
-                                       rejected_tokens=n_r)
-    losses, metrics = objectives.preference_loss(cfg.loss, logps, beta=beta,
-                                                 nll_weight=cfg.nll_weight, **hparams)
-    pairs = jnp.asarray(losses.shape[0], jnp.float32)
-    return jnp.sum(losses), (pairs, {k: v * pairs for k, v in metrics.items()})
-  return loss_fn
-
-
 def dpo_beta_sweep(config: ml_collections.ConfigDict, *, task, mesh, module, sft_params,
                    train_pairs, betas, evaluate: Evaluate | None = None, eval_every: int = 0,
                    ) -> tuple[object, list[list[dict]]]:
@@ -111,8 +89,9 @@ def dpo_beta_sweep(config: ml_collections.ConfigDict, *, task, mesh, module, sft
   # The reference is a copy too: the state (and so its "ref" entry) is donated to each step.
   state = {**stack_trees([one] * n), "ref": jax.tree.map(jnp.copy, sft_params),
            "beta": jnp.asarray(betas, jnp.float32)}
-  step = step_lib.make_train_step(beta_loss_fn(module, cfg, tok.max_prompt_len), tx,
-                                  accum_steps=cfg.optim.accum_steps,
+  loss_fn = preference_lib.preference_loss_fn(module, cfg, tok.max_prompt_len,
+                                              beta_in_state=True)
+  step = step_lib.make_train_step(loss_fn, tx, accum_steps=cfg.optim.accum_steps,
                                   state_extra=("ref", "beta"))
   axes = {k: (None if k == "ref" else 0) for k in state}  # One reference for all members.
   sweep_step = jax.jit(jax.vmap(step, in_axes=(axes, None), out_axes=(axes, 0)),
