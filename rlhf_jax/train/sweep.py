@@ -96,8 +96,10 @@ def dpo_beta_sweep(config: ml_collections.ConfigDict, *, task, mesh, module, sft
   axes = {k: (None if k == "ref" else 0) for k in state}  # One reference for all members.
   sweep_step = jax.jit(jax.vmap(step, in_axes=(axes, None), out_axes=(axes, 0)),
                        donate_argnums=0)
-  batcher = data.PaddedBatcher(cfg.batch_size, lambda idx: preference_lib.collate_pairs(
-      [train_pairs[i] for i in idx], tok, cfg.shared_prefix))
+  batcher = data.PaddedBatcher(
+      parallel.distributed.local_batch_size(cfg.batch_size, "config.dpo.batch_size"),
+      lambda idx: preference_lib.collate_pairs([train_pairs[i] for i in idx], tok,
+                                               cfg.shared_prefix))
   # Indices as the data source: the same permutation as run_preference's _IndexedPairs.
   iterator = data.DataIterator(range(len(train_pairs)), batcher, seed=config.seed, position=0)
   curves = [[] for _ in range(n)]
@@ -155,22 +157,26 @@ def ppo_sweep(trainer: ppo_lib.PPOTrainer, params, *, task, config: ml_collectio
   last = trainer.cfg.iterations
 
   def record(it, out=None):
+    if out is not None:  # Host copies, whole on every process.
+      out = parallel.distributed.gather({"rm_score": out["rm_score"], "kl": out["kl"],
+                                         "kl_coef": state["kl_coef"]})
     for i in range(n):
       point = {"step": it}
       if kl_targets is not None:
         point["kl_target"] = float(kl_targets[i])
       if out is not None:
-        point.update(rm_score=float(jnp.mean(out["rm_score"][i])), train_kl=float(out["kl"][i]),
-                     kl_coef=float(state["kl_coef"][i]))
+        point.update(rm_score=float(np.mean(out["rm_score"][i])), train_kl=float(out["kl"][i]),
+                     kl_coef=float(out["kl_coef"][i]))
       if evaluate is not None:
-        point.update(evaluate(member(state["params"]["policy"], i)))
+        point.update(evaluate(trainer.merged_policy(member(state["params"], i))))
       curves[i].append(point)
 
   with parallel.mesh_context(trainer.mesh, trainer.rules):
     record(0)
     for it in range(1, last + 1):
       batch = next(prompts)
-      ids, mask = parallel.shard_batch((batch["ids"], batch["mask"]), trainer.mesh)
+      ids, mask = parallel.distributed.shard_global((batch["ids"], batch["mask"]),
+                                                    trainer.mesh)
       state, out = fused(state, ids, mask, trainer.ref_params, trainer.rm_params)
       if _due(it, eval_every, last):
         record(it, out)
@@ -194,7 +200,7 @@ def ppo_with_curve(trainer: ppo_lib.PPOTrainer, params, *, task,
   curve, times, last = [], [], trainer.cfg.iterations
   with parallel.mesh_context(trainer.mesh, trainer.rules):
     if evaluate is not None:
-      curve.append({"step": 0, **evaluate(state["params"]["policy"])})
+      curve.append({"step": 0, **evaluate(trainer.merged_policy(state["params"]))})
     for it in range(1, last + 1):
       start = time.perf_counter()
       state, metrics = trainer.iteration(state, next(prompts))  # Host floats: synchronous.
@@ -204,7 +210,7 @@ def ppo_with_curve(trainer: ppo_lib.PPOTrainer, params, *, task,
                  "kl_coef": metrics["kl_coef"]}
         if "gold_reward" in metrics:
           point["train_gold_reward"] = metrics["gold_reward"]
-        curve.append({**point, **evaluate(state["params"]["policy"])})
+        curve.append({**point, **evaluate(trainer.merged_policy(state["params"]))})
         logging.info("%s iteration %d: %s", trainer.cfg.algorithm, it, curve[-1])
   timing = {"train_s": float(np.sum(times)), "iteration_s": float(np.median(times)),
             "first_iteration_s": float(times[0])}
@@ -214,7 +220,8 @@ def ppo_with_curve(trainer: ppo_lib.PPOTrainer, params, *, task,
 def compiled_memory(trainer: ppo_lib.PPOTrainer, state, prompts) -> dict[str, int]:
   """XLA's memory analysis of the compiled fused iteration (bytes): arguments, outputs,
   temporaries, and peak = arguments + outputs + temporaries − aliased (donated) bytes."""
-  ids, mask = parallel.shard_batch((prompts["ids"], prompts["mask"]), trainer.mesh)
+  ids, mask = parallel.distributed.shard_global((prompts["ids"], prompts["mask"]),
+                                                trainer.mesh)
   with parallel.mesh_context(trainer.mesh, trainer.rules):
     compiled = jax.jit(trainer.fused_iteration, donate_argnums=0).lower(
         state, ids, mask, trainer.ref_params, trainer.rm_params).compile()
@@ -251,11 +258,13 @@ def best_of_n_pool(config: ml_collections.ConfigDict, task, mesh, module, params
       chunk = rows[start:start + batch]
       ids, mask = eval_lib.left_pad(chunk + [chunk[-1]] * (batch - len(chunk)),
                                     tok.max_prompt_len, tok.pad_id)
-      ids_d, mask_d = parallel.shard_batch((ids, mask), mesh)
+      # Every process holds every prompt, feeds its devices' rows, and reads every row back.
+      ids_d, mask_d = parallel.distributed.shard_global((ids, mask), mesh)
       samples = sampling.generate(module, params, ids_d, mask_d, jax.random.fold_in(key, b),
                                   sampling_cfg)
-      proxy.append(np.asarray(score(rm_params, ids_d, mask_d, samples))[:len(chunk)])
-      tokens = list(np.asarray(samples.tokens)[:len(chunk)])
+      proxy.append(parallel.distributed.gather(score(rm_params, ids_d, mask_d,
+                                                     samples))[:len(chunk)])
+      tokens = list(parallel.distributed.gather(samples.tokens)[:len(chunk)])
       gold.append(world.score_ids(chunk, tokens).reward)
   shape = (n_prompts, pool)
   return (np.concatenate(proxy).reshape(shape).astype(np.float64),
