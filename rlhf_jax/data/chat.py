@@ -3,11 +3,14 @@
 Prompts are stored as rendered text so that every layout on disk, Anthropic transcripts and
 chat message lists alike, becomes the same kind of example. The default `ChatFormat` is the
 hh-rlhf one ("\\n\\nHuman: ...\\n\\nAssistant:"), so a message list and the equivalent
-transcript render to identical strings and tokenise identically.
+transcript render to identical strings and tokenise identically. A model's own chat template
+(`chat_template.ChatTemplate`) follows the same `ChatRenderer` protocol, so every reader takes
+either.
 """
 import dataclasses
 import os
-from typing import Any, Sequence
+import re
+from typing import Any, Protocol, Sequence
 
 from rlhf_jax.data.errors import DataError
 
@@ -20,6 +23,21 @@ ROLES = ("system", "user", "assistant")
 class Message:
   role: str
   content: str
+
+
+class ChatRenderer(Protocol):
+  """What readers need from a chat format: `ChatFormat` and `ChatTemplate` both satisfy it.
+
+  `render_prompt(context)` is the conversation so far plus whatever cues the assistant's turn;
+  `render_response(context, content)` is the assistant turn that follows it, so that
+  prompt + response is the rendered conversation. `where` (a "path:line") only names the
+  example in errors.
+  """
+
+  def render_prompt(self, context: Sequence["Message"], where: str = "") -> str: ...
+
+  def render_response(self, context: Sequence["Message"], content: str,
+                      where: str = "") -> str: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,12 +54,16 @@ class ChatFormat:
     return {"system": self.system_marker, "user": self.user_marker,
             "assistant": self.assistant_marker}[role]
 
-  def render_prompt(self, context: Sequence[Message]) -> str:
+  def render_prompt(self, context: Sequence[Message], where: str = "") -> str:
     """The conversation so far, followed by the assistant marker that cues the response."""
+    del where  # Marker rendering cannot fail.
     turns = "".join(self.marker(m.role) + self.separator + m.content for m in context)
     return turns + self.assistant_marker
 
-  def render_response(self, content: str) -> str:
+  def render_response(self, context: Sequence[Message], content: str, where: str = "") -> str:
+    """The assistant turn after `render_prompt(context)`. Markers do not depend on the
+    conversation, so `context` is unused; it is there for templates, which can."""
+    del context, where
     return self.separator + content
 
 
@@ -102,3 +124,33 @@ def split_hh_transcript(text: str, where: str = "") -> tuple[str, str]:
     raise DataError(where, f"transcript has no {HH_ASSISTANT!r} turn", "no_assistant_turn")
   cut = start + len(HH_ASSISTANT)
   return text[:cut], text[cut:]
+
+
+_HH_MARKER = re.compile(f"({re.escape(HH_HUMAN)}|{re.escape(HH_ASSISTANT)})")
+
+
+def hh_messages(text: str, where: str = "") -> tuple[Message, ...]:
+  """An hh-rlhf transcript ("\\n\\nHuman: a\\n\\nAssistant: b...") -> Messages.
+
+  Human turns become "user" and Assistant turns "assistant"; the single space that follows
+  each marker belongs to the format, not to the turn, and is dropped (so a chat template sees
+  "a", not " a"). Content is otherwise kept verbatim, inner whitespace included. Used to
+  re-render hh-rlhf data in a chat model's own template.
+  """
+  parts = _HH_MARKER.split(text)
+  # split() with one capture group: [before, marker, content, marker, content, ...].
+  if parts[0]:
+    raise DataError(where, f"transcript must start with {HH_HUMAN!r} or {HH_ASSISTANT!r}, "
+                    f"got {parts[0][:30]!r}", "bad_transcript")
+  if len(parts) == 1:
+    raise DataError(where, "transcript has no turns", "bad_transcript")
+  out = []
+  for marker, content in zip(parts[1::2], parts[2::2]):
+    out.append(Message("user" if marker == HH_HUMAN else "assistant", hh_turn_content(content)))
+  return tuple(out)
+
+
+def hh_turn_content(text: str) -> str:
+  """The content of one hh turn: the text after its marker, less the one space that follows
+  every marker (" Hello" -> "Hello"; an empty reply " " -> "")."""
+  return text[1:] if text.startswith(" ") else text

@@ -1,9 +1,10 @@
 """Text examples -> token ids: truncation, EOS, PAD != EOS, vocabulary checks, counted drops.
 
 Prompt and response are tokenised separately (as the DPO reference implementation does), so
-the prompt/response boundary is exact in token space; the response gets EOS appended and then
-truncated from the right (a truncated response loses its EOS: it did not end there), the
-prompt is truncated from the left (the most recent turns matter most) and keeps its BOS.
+the prompt/response boundary is exact in token space; the response gets EOS appended (unless
+it already ends with it, as a chat-template turn does) and is then truncated from the right
+(a truncated response loses its EOS: it did not end there), the prompt is truncated from the
+left (the most recent turns matter most) and keeps its BOS.
 """
 import dataclasses
 from typing import Generic, Protocol, Sequence, TypeVar
@@ -66,7 +67,7 @@ class TokenizeConfig:
 @dataclasses.dataclass(frozen=True, eq=False)
 class TokenizedSFT:
   prompt: np.ndarray  # int32 [<= max_prompt_len], never empty.
-  response: np.ndarray  # int32 [<= max_response_len], ends with EOS unless truncated.
+  response: np.ndarray  # int32 [<= max_response_len], ends with one EOS unless truncated.
   source: str = ""
 
 
@@ -145,7 +146,10 @@ class _Shaper:
 
   def response(self, ids: np.ndarray, field: str, source: str) -> tuple[np.ndarray, bool]:
     self._check_vocab(ids, field, source)
-    ids = np.concatenate([ids, self._eos])
+    # A chat template may already end the turn with the EOS text (ChatML's "<|im_end|>"):
+    # a second EOS would teach the model to emit EOS twice.
+    if not (ids.size and ids[-1] == self.cfg.eos_id):
+      ids = np.concatenate([ids, self._eos])
     over = ids.size > self.cfg.max_response_len
     return (ids[:self.cfg.max_response_len] if over else ids), over
 
