@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from rlhf_jax import models, parallel
+from rlhf_jax import models, objectives, parallel
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/rlhf_jax_smoke", "Where the HF export goes.")
 _STEPS = flags.DEFINE_integer("steps", 3, "AdamW steps to take.")
@@ -26,7 +26,7 @@ _PRESET = flags.DEFINE_enum("sharding", "fsdp", sorted(parallel.PRESETS), "Shard
 
 
 def next_token_loss(module, params, ids, mask):
-  logp = models.token_logprobs(module.apply({"params": params}, ids, mask)[:, :-1], ids[:, 1:])
+  logp = objectives.token_logprobs(module.apply({"params": params}, ids, mask)[:, :-1], ids[:, 1:])
   weights = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
   return -jnp.sum(logp * weights) / jnp.sum(weights)
 

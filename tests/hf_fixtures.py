@@ -43,3 +43,44 @@ def hf_logits(model, ids: np.ndarray) -> np.ndarray:
   """Logits of one unpadded sequence [T] -> [T, V]."""
   with torch.no_grad():
     return model(torch.as_tensor(ids[None], dtype=torch.long)).logits[0].numpy()
+
+
+# Our three architectures, each as one of the variants above (gpt2: tied embeddings; llama
+# and qwen2: untied, grouped-query attention).
+ARCH_VARIANTS = {"gpt2": "gpt2", "llama": "llama_gqa_untied", "qwen2": "qwen2"}
+
+
+def our_config(name: str, **overrides):
+  """The ModelConfig of HF variant `name` (what load_hf would build from its config.json)."""
+  import dataclasses
+  from rlhf_jax import models
+  config_cls, kwargs = HF_VARIANTS[name]
+  cfg = models.config_from_hf(config_cls(**kwargs).to_dict())
+  return dataclasses.replace(cfg, **overrides)
+
+
+def random_params(module, seed: int = 0):
+  """Params of our `module`, every leaf perturbed (as make_hf_model does) so zero biases, unit
+  norm scales and a zero-initialised value head cannot hide a mapping error."""
+  import jax
+  import jax.numpy as jnp
+  from rlhf_jax.parallel import init_params
+  key, noise = jax.random.split(jax.random.key(seed))
+  params = init_params(module, key, jnp.ones((1, 4), jnp.int32))
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(noise, len(leaves))
+  return jax.tree.unflatten(treedef, [x + 0.08 * jax.random.normal(k, x.shape, x.dtype)
+                                      for x, k in zip(leaves, keys)])
+
+
+def right_padded(lengths, pad_id: int, seed: int = 0, low: int = 3):
+  """(ids, mask) [len(lengths), max(lengths)] int32: random tokens in [low, VOCAB), each row
+  followed by `pad_id` padding. Tokens never equal `pad_id` when pad_id < low."""
+  rng = np.random.RandomState(seed)
+  width = max(lengths)
+  ids = np.full((len(lengths), width), pad_id, np.int32)
+  mask = np.zeros_like(ids)
+  for row, n in enumerate(lengths):
+    ids[row, :n] = rng.randint(low, VOCAB, size=n)
+    mask[row, :n] = 1
+  return ids, mask

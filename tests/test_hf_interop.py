@@ -1,6 +1,5 @@
 """Logits parity with transformers (import and export) and the HF loader's errors."""
 import json
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -186,11 +185,11 @@ def test_error_unsupported_rope_type(llama_dir):
     models.load_hf(llama_dir)
 
 
-def test_save_hf_refuses_reward_role(tmp_path):
+def test_save_hf_refuses_value_role_before_writing(tmp_path):
+  """A per-token critic has no HF class; the refusal comes before any file is written."""
   cfg = models.get_config("tiny", n_layers=1, d_model=32, n_heads=2, mlp_dim=64, vocab_size=64)
-  module = models.build_model(cfg, "reward")
+  module = models.build_model(cfg, "value")
   params = init_params(module, jax.random.key(0), np.ones((1, 4), np.int32))
-  with pytest.raises(models.HFCheckpointError, match="role 'reward'"):
-    models.save_hf(module, params, tmp_path)
-  assert not any(tmp_path.iterdir())
-  shutil.rmtree(tmp_path)
+  with pytest.raises(models.HFCheckpointError, match="role 'value'"):
+    models.save_hf(module, params, tmp_path / "out")
+  assert not (tmp_path / "out").exists()

@@ -117,6 +117,19 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 
+def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
+  """Plain JSON-able fields (a checkpoint stores the config of the model it holds)."""
+  return dataclasses.asdict(cfg)
+
+
+def config_from_dict(fields: dict[str, Any]) -> ModelConfig:
+  """The inverse of config_to_dict, through JSON (lists back to the hashable tuples)."""
+  fields = dict(fields)
+  if fields.get("rope_scaling") is not None:
+    fields["rope_scaling"] = tuple(tuple(kv) for kv in fields["rope_scaling"])
+  return ModelConfig(**fields)
+
+
 def get_config(name: str = "tiny", **overrides) -> ModelConfig:
   """The named size `name` with keyword overrides, e.g. get_config("tiny", n_layers=2)."""
   if name not in SIZES:

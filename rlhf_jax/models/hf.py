@@ -1,8 +1,39 @@
 """Hugging Face interop: local safetensors checkpoints <-> our parameter trees.
 
-Supported architectures: GPT-2 (`GPT2LMHeadModel`), Llama (`LlamaForCausalLM`) and Qwen2
-(`Qwen2ForCausalLM`), plus their `*ForSequenceClassification` `score` head for the reward and
-value roles. Only files on disk are read: no hub access, no torch.
+Supported architectures: GPT-2, Llama and Qwen2, as causal LMs (`GPT2LMHeadModel`,
+`LlamaForCausalLM`, `Qwen2ForCausalLM`) and as `*ForSequenceClassification` with one label
+(reward models). Only files on disk are read: no hub access, no torch.
+
+Roles on export (`save_hf`):
+  policy, reference  -> *ForCausalLM.
+  policy_value       -> *ForCausalLM; the value head is dropped (a training-time critic that no
+                        HF class holds), also from policy_value params given with a policy
+                        module.
+  reward             -> *ForSequenceClassification, num_labels=1, `score.weight` = our head's
+                        kernel, no lm_head.
+  value              -> refused (a per-token critic has no HF equivalent).
+
+The reward bias. transformers' `score` layer has no bias, ours does (zero after Bradley-Terry
+training, but the reward stage folds r' = (r - mean) / std into kernel *and* bias). The bias is
+stored in config.json as `score_bias` (SCORE_BIAS_KEY), so for an exported reward model
+
+    our reward = transformers' logits[:, 0] + config.score_bias
+
+`load_hf(role="reward")` (or "value") reads it back into the head's bias (0 when absent, as in
+checkpoints transformers wrote). transformers reads the score at the last token that is not
+`pad_token_id`, we at the last token of the attention mask: the two read the same token when
+no real token equals the pad id, which is why the exported config carries the tokenizer's real
+pad id (`special_ids`). A tokenizer that pads with its EOS token (GPT-2's habit) makes
+transformers skip a trailing EOS that our reward reads: give such a reward model a distinct pad
+id. (Left-padded GPT-2 also needs position_ids = cumsum(mask) - 1 on the transformers side,
+which otherwise numbers slots, not tokens, in its learned position table; RoPE is shift
+invariant, and right padding needs nothing.)
+
+Dtypes. Params we load are float32 master weights whatever the checkpoint stores (bfloat16 and
+float16 files are upcast); the compute dtype is `load_hf(dtype=...)`. `source_dtype` tells a
+caller what the checkpoint stored, e.g. to export in the same dtype with
+`save_hf(dtype=...)`, which writes "float32" or "bfloat16" tensors (never float16: we compute
+in float32 or bfloat16 only).
 """
 import json
 import os
@@ -25,6 +56,16 @@ from rlhf_jax.parallel import sharding as sharding_lib
 
 SUPPORTED = ("gpt2", "llama", "qwen2")
 _HF_ARCH = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_HF_SEQ_CLS_ARCH = {"gpt2": "GPT2ForSequenceClassification",
+                    "llama": "LlamaForSequenceClassification",
+                    "qwen2": "Qwen2ForSequenceClassification"}
+# config.json key of the reward head's bias, which transformers' bias-free `score` cannot hold.
+SCORE_BIAS_KEY = "score_bias"
+# Stored dtypes save_hf writes, and those source_dtype reports (float16 is only ever read).
+EXPORT_DTYPES = ("float32", "bfloat16")
+SOURCE_DTYPES = ("float32", "bfloat16", "float16")
+_SAFETENSORS_FLOAT = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+_CAUSAL_ROLES = ("policy", "reference", "policy_value")
 # Buffers that old GPT-2 checkpoints store next to the weights; not parameters.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
@@ -108,14 +149,32 @@ def _first(x, default):
   return default if x is None else x
 
 
-def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-  """The config.json dict that transformers reads back into an equivalent model."""
-  common = dict(model_type=cfg.arch, architectures=[_HF_ARCH[cfg.arch]],
-                vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings,
-                bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
-                pad_token_id=cfg.pad_token_id, dtype="float32")
+def config_to_hf(cfg: ModelConfig, *, role: str = "policy", dtype="float32",
+                 special_ids: dict[str, int | None] | None = None,
+                 score_bias: float = 0.0) -> dict[str, Any]:
+  """The config.json dict that transformers reads back into an equivalent model.
+
+  `role` picks the class: *ForCausalLM for policy / reference / policy_value, a one-label
+  *ForSequenceClassification for reward (carrying `score_bias`, see the module docstring).
+  `dtype` is the stored dtype of the tensors written next to it ("float32" or "bfloat16").
+  `special_ids` (bos / eos / pad) override the placeholder ids ModelConfig carries.
+  """
+  kind = _export_kind(role)
+  ids = _special_ids(cfg, special_ids)
+  common = dict(model_type=cfg.arch, vocab_size=cfg.vocab_size,
+                tie_word_embeddings=cfg.tie_embeddings, bos_token_id=ids["bos"],
+                eos_token_id=ids["eos"], pad_token_id=ids["pad"],
+                dtype=_export_dtype(dtype))
+  if kind == "reward":
+    # id2label, not num_labels: transformers derives num_labels from it and falls back to 2
+    # labels when it is missing.
+    common.update(architectures=[_HF_SEQ_CLS_ARCH[cfg.arch]], id2label={"0": "LABEL_0"},
+                  label2id={"LABEL_0": 0}, **{SCORE_BIAS_KEY: float(score_bias)})
+  else:
+    common.update(architectures=[_HF_ARCH[cfg.arch]])
   if cfg.arch == "gpt2":
-    if cfg.n_kv_heads not in (None, cfg.n_heads) or cfg.head_dim not in (None, cfg.d_model // cfg.n_heads):
+    if (cfg.n_kv_heads not in (None, cfg.n_heads)
+        or cfg.head_dim not in (None, cfg.d_model // cfg.n_heads)):
       raise HFCheckpointError("GPT-2 export needs n_kv_heads == n_heads and head_dim == "
                               "d_model / n_heads")
     return dict(common, n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads,
@@ -135,6 +194,72 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
              rope_parameters=rope, attention_bias=False, mlp_bias=False)
   if cfg.arch == "qwen2":
     out.update(use_sliding_window=False, sliding_window=None)
+  return out
+
+
+def _export_kind(role: str) -> str:
+  """"causal" or "reward": the HF class family `role` is exported as; refuses the others."""
+  if role in _CAUSAL_ROLES:
+    return "causal"
+  if role == "reward":
+    return "reward"
+  if role == "value":
+    raise HFCheckpointError(
+        "save_hf: role 'value' (a per-token critic) has no transformers equivalent; export "
+        "the policy (role 'policy', or 'policy_value' whose value head is dropped) or the "
+        "reward model (role 'reward')")
+  raise HFCheckpointError(f"save_hf: unknown role {role!r}; expected one of "
+                          f"{_CAUSAL_ROLES + ('reward',)}")
+
+
+def _export_dtype(dtype) -> str:
+  """The name ("float32" / "bfloat16") of a dtype save_hf may store tensors in."""
+  try:
+    name = jnp.dtype(dtype).name
+  except TypeError:
+    name = str(dtype)
+  if name not in EXPORT_DTYPES:
+    raise HFCheckpointError(f"save_hf: dtype={dtype!r} is not supported; expected one of "
+                            f"{EXPORT_DTYPES} (float16 is read, never written: we compute in "
+                            "float32 or bfloat16 only)")
+  return name
+
+
+def _special_ids(cfg: ModelConfig, special_ids: dict | None) -> dict[str, int | None]:
+  """{bos, eos, pad}: `special_ids` over ModelConfig's (placeholder) ids, validated.
+
+  eos and pad must be token ids of the vocabulary; bos may be None (Llama-style tokenizers
+  without one exist, and transformers accepts a null bos_token_id).
+  """
+  ids = {"bos": cfg.bos_token_id, "eos": cfg.eos_token_id, "pad": cfg.pad_token_id}
+  unknown = sorted(set(special_ids or {}) - set(ids))
+  if unknown:
+    raise HFCheckpointError(f"save_hf: special_ids has unknown key(s) {unknown}; expected some "
+                            f"of {sorted(ids)}")
+  ids.update(special_ids or {})
+  for name, value in ids.items():
+    if value is None and name == "bos":
+      continue
+    if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+        or not 0 <= value < cfg.vocab_size):
+      raise HFCheckpointError(f"save_hf: special_ids {name}={value!r} is not a token id of "
+                              f"the vocabulary [0, {cfg.vocab_size})")
+    ids[name] = int(value)
+  return ids
+
+
+def generation_config_to_hf(cfg: ModelConfig,
+                            special_ids: dict[str, int | None] | None = None) -> dict[str, Any]:
+  """generation_config.json of an exported causal LM: the tokenizer's ids, sampling on.
+
+  `GenerationConfig.from_pretrained` reads it; without it transformers derives one from
+  config.json, whose ids would be right but whose decoding would be greedy, not the sampling
+  our policies were trained (PPO) and evaluated with.
+  """
+  ids = _special_ids(cfg, special_ids)
+  out = {"eos_token_id": ids["eos"], "pad_token_id": ids["pad"], "do_sample": True}
+  if ids["bos"] is not None:
+    out["bos_token_id"] = ids["bos"]
   return out
 
 
@@ -177,9 +302,17 @@ def _plan(cfg: ModelConfig, role: str) -> list[tuple[tuple[str, ...], str, str]]
       for name in ("gate", "up", "down"):
         plan.append((b + ("mlp", name, "kernel"), h + f"mlp.{name}_proj.weight", "T"))
     plan.append((("backbone", "final_norm", "scale"), "model.norm.weight", "same"))
-  if role in ("policy", "reference") and not cfg.tie_embeddings:
+  if role in _CAUSAL_ROLES and not cfg.tie_embeddings:
     plan.append((("lm_head", "kernel"), "lm_head.weight", "T"))
   return plan
+
+
+def _export_plan(cfg: ModelConfig, role: str) -> list[tuple[tuple[str, ...], str, str]]:
+  """The tensors save_hf writes for `role`: the causal LM's, or the backbone plus the reward
+  head's kernel as *ForSequenceClassification's `score` (its bias goes to config.json)."""
+  if _export_kind(role) == "causal":
+    return _plan(cfg, "policy")
+  return _plan(cfg, "reward") + [(("reward_head", "kernel"), "score.weight", "T")]
 
 
 def _to_ours(x: np.ndarray, layout: str) -> np.ndarray:
@@ -221,6 +354,17 @@ class _TensorFiles:
   def names(self) -> set[str]:
     return set(self._where)
 
+  def ordered_names(self) -> list[str]:
+    """Tensor names in file order, then each file's sorted names."""
+    return [name for handle in self._handles for name in sorted(handle.keys())]
+
+  def where(self, name: str) -> pathlib.Path:
+    return self._where[name][1]
+
+  def stored_dtype(self, name: str) -> str:
+    """The safetensors dtype code of `name` ("F32", "BF16", ...), read from the header."""
+    return self._where[name][0].get_slice(name).get_dtype()
+
   def resolve(self, name: str) -> str | None:
     """`name` as stored: old GPT-2 files omit the "transformer." prefix."""
     if name in self._where:
@@ -235,6 +379,36 @@ class _TensorFiles:
 
   def shape(self, name: str) -> tuple[int, ...]:
     return tuple(self._where[name][0].get_slice(name).get_shape())
+
+
+def source_dtype(path) -> str:
+  """The floating dtype a local HF checkpoint stores: "float32", "bfloat16" or "float16".
+
+  From config.json ("dtype" in transformers v5, "torch_dtype" in v4) and, when it names none,
+  from the safetensors header of the first floating tensor. It is information for the caller
+  (e.g. to export in the dtype it came in): load_hf always gives float32 params, and a float16
+  checkpoint is read as float32 (we compute in float32 or bfloat16 only; pick `dtype=` of
+  load_hf for that).
+  """
+  hf_config, config_path = read_hf_config(path)
+  named = hf_config.get("dtype") or hf_config.get("torch_dtype")
+  if named is not None and named != "auto":
+    name = str(named).removeprefix("torch.")
+    if name not in SOURCE_DTYPES:
+      raise HFCheckpointError(f"{config_path}: dtype {named!r} is not supported; expected one "
+                              f"of {SOURCE_DTYPES}")
+    return name
+  files = _TensorFiles(config_path.parent)
+  for name in files.ordered_names():
+    code = files.stored_dtype(name)
+    if code in _SAFETENSORS_FLOAT:
+      found = _SAFETENSORS_FLOAT[code]
+      if found not in SOURCE_DTYPES:
+        raise HFCheckpointError(f"{files.where(name)}: tensor {name!r} is stored as {code}; "
+                                f"expected one of {SOURCE_DTYPES}")
+      return found
+  raise HFCheckpointError(f"{config_path.parent}: config.json names no dtype and the "
+                          "checkpoint holds no floating-point tensor")
 
 
 def read_hf_config(path) -> tuple[dict[str, Any], pathlib.Path]:
@@ -254,15 +428,28 @@ def load_hf(path, *, role: str = "policy", mesh=None, dtype=None, rules="fsdp",
             key: jax.Array | None = None) -> tuple[Transformer, Any]:
   """Reads a local HF directory into (module, params) of `role`.
 
-  Params are float32 (the checkpoint's dtype is upcast); `dtype` sets the compute dtype.
-  With `mesh`, every tensor goes straight to its shards under the `rules` preset.
+  Params are float32 (the checkpoint's dtype, see `source_dtype`, is upcast); `dtype` sets the
+  compute dtype. With `mesh`, every tensor goes straight to its shards under the `rules` preset.
   The reward/value head comes from a `score.weight` tensor (an HF *ForSequenceClassification
-  checkpoint) when present; otherwise it is freshly initialised from `key`.
+  checkpoint) plus config.json's `score_bias` (0 when absent) when present; otherwise it is
+  freshly initialised from `key`, as is the value head of role "policy_value".
   """
   hf_config, config_path = read_hf_config(path)
   cfg = config_from_hf(hf_config, config_path, dtype)
   module = build_model(cfg, role)
   files = _TensorFiles(config_path.parent)
+  if role in _CAUSAL_ROLES and files.resolve("lm_head.weight") is None:
+    archs = hf_config.get("architectures") or []
+    if (any("ForSequenceClassification" in a for a in archs)
+        or files.resolve("score.weight") is not None):
+      if not cfg.tie_embeddings:
+        raise HFCheckpointError(
+            f"{config_path.parent}: a sequence-classification checkpoint "
+            f"(architectures={archs}, a `score` head and no "
+            f"lm_head.weight) has no LM head for role {role!r}; load it with role='reward' "
+            "(or 'value')")
+      logging.info("%s: a sequence-classification checkpoint with tied embeddings, loaded as "
+                   "role %r: the token embedding serves as the LM head", config_path.parent, role)
 
   sample = jnp.zeros((1, 1), jnp.int32)
   shapes, specs = sharding_lib.abstract_params(module, sample)
@@ -292,10 +479,10 @@ def load_hf(path, *, role: str = "policy", mesh=None, dtype=None, rules="fsdp",
           f"from config.json")
     _set(params, ours, place(ours, value))
 
-  head = {"value": "value_head", "reward": "reward_head"}.get(role)
+  head = {"value": "value_head", "reward": "reward_head", "policy_value": "value_head"}.get(role)
   if head is not None:
     fresh = _init_head(module, key, sample, shapes, shardings, head)
-    stored = files.resolve("score.weight")
+    stored = None if role == "policy_value" else files.resolve("score.weight")
     if stored is not None:
       used.add(stored)
       value = files.get(stored)
@@ -303,8 +490,11 @@ def load_hf(path, *, role: str = "policy", mesh=None, dtype=None, rules="fsdp",
         raise HFCheckpointError(f"{config_path.parent}: tensor 'score.weight' has shape "
                                 f"{value.shape}; a scalar head needs (1, {cfg.d_model})")
       fresh["kernel"] = place((head, "kernel"), value.T.copy())
+      fresh["bias"] = place((head, "bias"),
+                            np.full((1,), _score_bias(hf_config, config_path), np.float32))
     else:
-      logging.info("%s: no score.weight; %s initialised fresh", config_path.parent, head)
+      logging.info("%s: %s initialised fresh (%s)", config_path.parent, head,
+                   "a critic of the policy" if role == "policy_value" else "no score.weight")
     params[head] = fresh
 
   unused = sorted(n for n in files.names() - used
@@ -313,6 +503,14 @@ def load_hf(path, *, role: str = "policy", mesh=None, dtype=None, rules="fsdp",
     logging.warning("%s: %d tensors not used by role %r: %s", config_path.parent, len(unused),
                     role, unused[:10])
   return module, params
+
+
+def _score_bias(hf_config: dict[str, Any], config_path) -> float:
+  """config.json's `score_bias` (written by save_hf for a reward model), 0 when absent."""
+  bias = hf_config.get(SCORE_BIAS_KEY, 0.0)
+  if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+    raise HFCheckpointError(f"{config_path}: {SCORE_BIAS_KEY}={bias!r} is not a number")
+  return float(bias)
 
 
 def _init_head(module, key, sample, shapes, shardings, head):
@@ -339,32 +537,79 @@ def _set(tree, path, value):
 # Writing
 # ---------------------------------------------------------------------------------------------
 
-def _host(x) -> np.ndarray:
-  if jax.process_count() > 1 and not x.is_fully_addressable:
+def _host(x, dtype: str = "float32") -> np.ndarray:
+  """`x` on this host as a numpy `dtype` array; on multi-host every process must call (a
+  sharded array is all-gathered first)."""
+  if jax.process_count() > 1 and isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils
     x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(jax.device_get(x), dtype=np.float32)
+  # Through float32 (our params' dtype), then rounded to nearest even by ml_dtypes for
+  # bfloat16, as torch's .to(torch.bfloat16) rounds.
+  return np.asarray(jax.device_get(x), dtype=np.float32).astype(jnp.dtype(dtype))
 
 
-def hf_tensors(module: Transformer, params) -> Iterator[tuple[str, np.ndarray]]:
-  """(HF name, float32 array) pairs of a policy's params, in HF layout."""
-  cfg = module.cfg
-  params = nn.unbox(params)
-  plan = _plan(cfg, "policy")
-  # Nothing is dropped silently: a leaf the HF layout has no place for (LoRA adapters attached
-  # by apply_lora, a value head, ...) is an error, not a smaller checkpoint.
-  exported = {ours for ours, _, _ in plan}
-  extra = sorted("/".join(str(k.key) for k in path)
-                 for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
-                 if tuple(str(k.key) for k in path) not in exported)
+def _leaves(tree) -> dict[tuple[str, ...], Any]:
+  return {tuple(str(k.key) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _exportable(module: Transformer, params) -> dict:
+  """Unboxed `params`, checked against `module`, with the value head of a causal export dropped.
+
+  Nothing else is dropped silently: a leaf the HF layout has no place for (LoRA adapters
+  attached by apply_lora, ...) is an error, not a smaller checkpoint, and so are leaves whose
+  shapes are not the module's (a stacked ensemble [k, ...] above all: one HF directory holds
+  one model).
+  """
+  cfg, role = module.cfg, module.role
+  kind = _export_kind(role)
+  params = dict(nn.unbox(params))
+  if kind == "causal" and "value_head" in params:
+    # A training-time critic (PPO's value head on the policy): no *ForCausalLM holds it.
+    logging.info("save_hf: role %r: the value head is not exported (no HF causal LM has one)",
+                 role)
+    params.pop("value_head")
+
+  expected = _leaves(sharding_lib.abstract_params(module, jnp.zeros((1, 1), jnp.int32))[0])
+  got = _leaves(params)
+  common = sorted(set(expected) & set(got))
+  wrong = [(p, tuple(np.shape(got[p])), tuple(expected[p].shape)) for p in common
+           if tuple(np.shape(got[p])) != tuple(expected[p].shape)]
+  if wrong:
+    leading = {g[0] if len(g) == len(e) + 1 and g[1:] == e else None for _, g, e in wrong}
+    if len(wrong) == len(common) and len(leading) == 1 and None not in leading:
+      k = leading.pop()
+      raise HFCheckpointError(
+          f"save_hf: the params are a stacked ensemble of {k} members (a leading [{k}] axis on "
+          "every leaf); one HF directory holds one model: export member by member, e.g. "
+          "save_hf(module, jax.tree.map(lambda x: x[i], params), f'{path}/member_{i}')")
+    examples = ", ".join(f"{'/'.join(p)} {g} (expected {e})" for p, g, e in wrong[:3])
+    raise HFCheckpointError(f"save_hf: {len(wrong)} param(s) do not have the shapes of the "
+                            f"module's {cfg.arch} config, e.g. {examples}")
+
+  exported = {ours for ours, _, _ in _export_plan(cfg, role)}
+  if kind == "reward":
+    exported.add(("reward_head", "bias"))  # -> config.json's score_bias.
+  extra = sorted("/".join(p) for p in set(got) - exported)
   if extra:
     hint = (" (LoRA adapters: export models.merge_lora(base, adapters, scale))"
             if any("/lora_" in name for name in extra) else "")
     raise HFCheckpointError(f"save_hf: {len(extra)} param(s) have no place in the "
-                            f"{cfg.arch} HF layout, e.g. {extra[:3]}{hint}")
+                            f"{cfg.arch} HF layout of role {role!r}, e.g. {extra[:3]}{hint}")
+  missing = sorted("/".join(p) for p in exported - set(got))
+  if missing:
+    raise HFCheckpointError(f"save_hf: {len(missing)} param(s) of role {role!r} are missing, "
+                            f"e.g. {missing[:3]}")
+  return params
+
+
+def _tensors(module: Transformer, params: dict, dtype: str
+             ) -> Iterator[tuple[str, np.ndarray]]:
+  """(HF name, array) pairs of checked params (see _exportable), in HF layout and `dtype`."""
+  cfg = module.cfg
   qkv: dict[str, list] = {}
-  for ours, theirs, layout in plan:
-    value = _host(_get(params, ours))
+  for ours, theirs, layout in _export_plan(cfg, module.role):
+    value = _host(_get(params, ours), dtype)
     if layout.startswith("qkv:"):
       qkv.setdefault(theirs, []).append(value)
       if len(qkv[theirs]) == 3:
@@ -375,22 +620,56 @@ def hf_tensors(module: Transformer, params) -> Iterator[tuple[str, np.ndarray]]:
     for i in range(cfg.n_layers):
       for name, width in (("q", cfg.n_heads), ("k", cfg.kv_heads), ("v", cfg.kv_heads)):
         yield (f"model.layers.{i}.self_attn.{name}_proj.bias",
-               np.zeros((width * cfg.head_size,), np.float32))
+               np.zeros((width * cfg.head_size,), jnp.dtype(dtype)))
 
 
-def save_hf(module: Transformer, params, path, *,
-            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> pathlib.Path:
-  """Writes config.json + safetensors that transformers.AutoModelForCausalLM loads.
+def hf_tensors(module: Transformer, params, dtype="float32"
+               ) -> Iterator[tuple[str, np.ndarray]]:
+  """(HF name, array) pairs that save_hf writes for `module.role`, in HF layout and `dtype`.
 
-  Only the policy/reference roles have an HF causal-LM equivalent. Checkpoints larger than
-  `max_shard_bytes` are split into shards with a model.safetensors.index.json. On multi-host
-  every process must call this (to gather shards); process 0 writes.
+  A reward model's head bias is not among them: it goes to config.json (see the module
+  docstring).
   """
-  if module.role not in ("policy", "reference"):
-    raise HFCheckpointError(f"save_hf exports causal LMs; role {module.role!r} has no "
-                            "AutoModelForCausalLM equivalent")
+  yield from _tensors(module, _exportable(module, params), _export_dtype(dtype))
+
+
+def save_hf(module: Transformer, params, path, *, dtype="float32",
+            special_ids: dict[str, int | None] | None = None,
+            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> pathlib.Path:
+  """Writes an HF model directory that transformers loads with our numbers.
+
+  Roles "policy" / "reference" / "policy_value" (value head dropped) -> *ForCausalLM plus a
+  generation_config.json; "reward" -> *ForSequenceClassification with one label and the head's
+  bias in config.json (see the module docstring); "value" is refused. `dtype` is the stored
+  dtype of the tensors ("float32" or "bfloat16", written as safetensors F32 / BF16) and the
+  config's "dtype". `special_ids` = dict(bos=..., eos=..., pad=...) are the tokenizer's ids,
+  which override ModelConfig's placeholders in config.json and generation_config.json; a reward
+  model needs the real pad id (transformers reads the score at the last non-pad token).
+
+  Checkpoints larger than `max_shard_bytes` are split into shards with a
+  model.safetensors.index.json. Every file is written atomically (a temporary, then a rename);
+  checkpoint files of an earlier export to the same directory that this one does not write
+  (a stale index or shard, a generation_config.json) are removed, since transformers and
+  load_hf would otherwise read them. On multi-host every process must call this (to gather
+  shards); process 0 writes.
+  """
+  role = module.role
+  kind = _export_kind(role)
+  stored = _export_dtype(dtype)
+  ids = _special_ids(module.cfg, special_ids)
+  params = _exportable(module, params)
+  tensors = list(_tensors(module, params, stored))
+  score_bias = 0.0
+  if kind == "reward":
+    score_bias = float(_host(params["reward_head"]["bias"]).reshape(-1)[0])
+    if "pad" not in (special_ids or {}):
+      logging.warning("save_hf: reward model exported with pad_token_id=%d from ModelConfig; "
+                      "transformers reads the score at the last token that is not this id, so "
+                      "pass special_ids=dict(pad=...) with the tokenizer's pad id if it is a "
+                      "placeholder", ids["pad"])
+  config = config_to_hf(module.cfg, role=role, dtype=stored, special_ids=ids,
+                        score_bias=score_bias)
   directory = pathlib.Path(path)
-  tensors = list(hf_tensors(module, params))
   if jax.process_index() != 0:
     return directory
   directory.mkdir(parents=True, exist_ok=True)
@@ -403,9 +682,11 @@ def save_hf(module: Transformer, params, path, *,
     size += value.nbytes
   shards.append(current)
   metadata = {"format": "pt"}
+  written = {"config.json"}
   if len(shards) == 1:
     _atomic_write(directory / "model.safetensors",
                   lambda p: safetensors.numpy.save_file(shards[0], p, metadata=metadata))
+    written.add("model.safetensors")
   else:
     weight_map = {}
     for i, shard in enumerate(shards):
@@ -413,14 +694,27 @@ def save_hf(module: Transformer, params, path, *,
       _atomic_write(directory / fname,
                     lambda p, s=shard: safetensors.numpy.save_file(s, p, metadata=metadata))
       weight_map.update({name: fname for name in shard})
+      written.add(fname)
     index = {"metadata": {"total_size": sum(v.nbytes for _, v in tensors)},
              "weight_map": weight_map}
-    _atomic_write(directory / "model.safetensors.index.json",
-                  lambda p: pathlib.Path(p).write_text(json.dumps(index, indent=2)))
-  config = config_to_hf(module.cfg)
-  _atomic_write(directory / "config.json",
-                lambda p: pathlib.Path(p).write_text(json.dumps(config, indent=2)))
+    _write_json(directory / "model.safetensors.index.json", index)
+    written.add("model.safetensors.index.json")
+  _write_json(directory / "config.json", config)
+  if kind == "causal":
+    _write_json(directory / "generation_config.json", generation_config_to_hf(module.cfg, ids))
+    written.add("generation_config.json")
+  stale = [p for p in [directory / "model.safetensors", directory / "model.safetensors.index.json",
+                       directory / "generation_config.json",
+                       *directory.glob("model-*-of-*.safetensors")]
+           if p.name not in written and p.exists()]
+  for p in stale:
+    logging.info("save_hf: removing %s, left by an earlier export to %s", p.name, directory)
+    p.unlink()
   return directory
+
+
+def _write_json(target: pathlib.Path, obj):
+  _atomic_write(target, lambda p: pathlib.Path(p).write_text(json.dumps(obj, indent=2)))
 
 
 def _atomic_write(target: pathlib.Path, write: Callable[[str], None]):

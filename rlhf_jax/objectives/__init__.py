@@ -1,4 +1,6 @@
-"""Pure loss functions of log-probs, values and rewards (no Flax, no I/O)."""
+"""Pure functions of logits, log-probs, values and rewards (no Flax, no I/O): per-token
+log-probs and entropies, and the losses built on them."""
+from rlhf_jax.objectives.logprobs import logprobs_and_entropy, token_logprobs
 from rlhf_jax.objectives.reward import bradley_terry
 from rlhf_jax.objectives.sft import next_token_nll
 from rlhf_jax.objectives.kto import kto_loss

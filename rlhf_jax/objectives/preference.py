@@ -113,7 +113,7 @@ def preference_metrics(logps: PreferenceLogps, *, beta, reference_free: bool = F
   where `mask` [B] is 1 (padding pairs of a packed batch); they are *means of this batch*, so
   under gradient accumulation the logged value is that of the micro-batch(es) averaged by the
   caller. chosen_entropy / rejected_entropy [B], if given (the per-sequence mean per-token
-  entropy, e.g. from `models.heads.logprobs_and_entropy`), add entropy/chosen and
+  entropy, e.g. from `objectives.logprobs_and_entropy`), add entropy/chosen and
   entropy/rejected.
   """
   lp = _prepare(logps, need_ref=not reference_free, need_tokens=reference_free)

@@ -3,7 +3,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.models.heads import token_logprobs
+from rlhf_jax.objectives.logprobs import token_logprobs
 
 
 def next_token_nll(logits: jax.Array, input_ids: jax.Array,

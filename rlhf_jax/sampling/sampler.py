@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from rlhf_jax import models, parallel
+from rlhf_jax import models, objectives, parallel
 from rlhf_jax.models.transformer import Transformer
 
 Params = Any
@@ -182,7 +182,7 @@ def _draw(logits: jax.Array, key: jax.Array, step: jax.Array,
     sampling = filter_logits(sampling, cfg.top_k, cfg.top_p)
     token = _inverse_cdf_draw(sampling, jax.random.fold_in(key, step))
   token = token.astype(jnp.int32)
-  logprob = models.token_logprobs(logits[:, None, :], token[:, None], cfg.temperature)[:, 0]
+  logprob = objectives.token_logprobs(logits[:, None, :], token[:, None], cfg.temperature)[:, 0]
   return token, logprob
 
 
@@ -344,6 +344,6 @@ def response_logprobs(module: Transformer, params: Params, prompt_ids: jax.Array
   logits = module.apply({"params": params}, ids, mask)
   first = _at_last_real(logits[:, :p], prompt_mask)[:, None]
   logits = jnp.concatenate([first, logits[:, p:-1]], axis=1)
-  logp = models.token_logprobs(logits, samples.tokens, temperature)
+  logp = objectives.token_logprobs(logits, samples.tokens, temperature)
   chex.assert_equal_shape([logp, samples.logprobs])
   return jnp.where(samples.response_mask > 0, logp, 0.0)

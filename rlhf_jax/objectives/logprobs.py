@@ -1,4 +1,4 @@
-"""Per-token quantities from policy logits, always in float32.
+"""Per-token log-probs and entropies from policy logits, always in float32.
 
 `token_logprobs` never builds a [B, T, V] log-softmax: it needs one logsumexp over the vocab
 and the target's logit, so the only full-vocab tensor is the logits themselves.
