@@ -97,26 +97,25 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int | None = None
   return models.get_config(cfg.size, **overrides)
 
 
-def review_world_base(*, size: str = "tiny", runlocal: bool = False) -> ml_collections.ConfigDict:
-  """The parts every review-world experiment shares: model, mesh, task, run and distributed.
-
-  The `tiny` family shrunk to the world's scale (vocab_size comes from the task). Experiment
-  files add their stage sections (sft, reward, dpo, ...) and set `stage`.
-  """
+def base_config(*, size: str = "tiny") -> ml_collections.ConfigDict:
+  """The sections every run shares: seed, model, mesh, sharding, run (the host loop),
+  distributed, lora and export, plus `stages` (what the library pipeline runs,
+  train/pipeline.py) and `driver` (an experiment's "package.module:function" that main.py runs
+  instead; "" = the pipeline). Stage sections (sft, reward, dpo, ppo, ...) are added by each
+  experiment from the stage modules' default_config()."""
   c = ml_collections.ConfigDict()
-  c.stage = ""
+  c.stages = ("sft",)
+  c.driver = ""
   c.seed = 0
-  c.model = ml_collections.ConfigDict(dict(size=size, d_model=128, n_layers=2, n_heads=4,
-                                           mlp_dim=352, max_len=128))
+  # A fresh model: a named size (models.SIZES) with ModelConfig overrides. dtype is the compute
+  # dtype (params stay float32) and remat rematerialises blocks: both also apply to a model
+  # loaded from an HF directory.
+  c.model = ml_collections.ConfigDict(dict(size=size, dtype="float32", remat=False))
   # Total size per axis; dcn: the part of it that spans slices/hosts (pod-shaped meshes,
   # parallel.make_hybrid_mesh). All ones: a plain mesh.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1,
                                           dcn=dict(data=1, fsdp=1, tensor=1)))
   c.sharding = "fsdp"
-  c.task = ml_collections.ConfigDict(dict(
-      kind="review_world", world_seed=0, n_sft=20_000, n_eval=500,
-      # Gold-labelled pairs of the process's own samples (standalone reward / DPO stages).
-      n_pairs=10_000, n_eval_pairs=1_000, k=4, label_temperature=0.0))
   c.run = ml_collections.ConfigDict(dict(log_every=10, checkpoint_every=100,
                                          keep_checkpoints=2, max_nonfinite=5))
   # Multi-host (parallel.distributed.initialize): off unless a coordinator is given here or in
@@ -126,49 +125,30 @@ def review_world_base(*, size: str = "tiny", runlocal: bool = False) -> ml_colle
       initialization_timeout=300))
   # LoRA adapters for the DPO and PPO policies (models/lora.py): rank 0 = full fine-tuning.
   c.lora = models.lora.default_config()
-  if runlocal:
-    c.task.n_sft, c.task.n_eval = 4_000, 200
-    c.task.n_pairs, c.task.n_eval_pairs = 2_000, 200
-    c.run.checkpoint_every = 40
+  # Each stage ends by writing <its workdir>/hf in HF layout; dtype "" = the dtype the weights
+  # came in with (bfloat16 in, bfloat16 out), or "float32" / "bfloat16".
+  c.export = ml_collections.ConfigDict(dict(enabled=True, dtype=""))
   return c
 
 
-def add_review_world_stages(c: ml_collections.ConfigDict, *, runlocal: bool = False
-                            ) -> ml_collections.ConfigDict:
-  """The stage sections of the review-world pipeline, tuned to its scale: sft, sampling (k
-  policy samples per prompt, gold-labelled into pairs), reward, dpo, ppo and eval (held-out
-  prompts for gold reward and KL). Experiments override what they study."""
-  # Imported here: the stage modules import this one.
-  from rlhf_jax.train.optim import default_optim_config
-  from rlhf_jax.train.ppo import default_ppo_config
-  from rlhf_jax.train.preference import default_dpo_config
-
-  c.sft = ml_collections.ConfigDict(dict(
-      steps=300, rows=8, length=128, max_sequences=32, eval_every=100, eval_batch_size=64,
-      optim=default_optim_config()))
-  c.sft.optim.lr, c.sft.optim.warmup_steps = 3e-3, 20
-  c.sampling = ml_collections.ConfigDict(dict(
-      train_prompts=256, eval_prompts=128, k=4, max_new_tokens=48, temperature=1.0,
-      batch_size=256, label_temperature=0.0))
-  c.reward = ml_collections.ConfigDict(dict(
-      steps=150, batch_size=32, ensemble_size=1, use_margin=False, center_coef=0.0,
-      eval_every=50, eval_batch_size=256, optim=default_optim_config()))
-  c.reward.optim.lr = 1e-3
-  c.dpo = default_dpo_config()
-  c.dpo.optim.lr, c.dpo.optim.warmup_steps = 1e-4, 10
-  c.dpo.steps, c.dpo.batch_size, c.dpo.eval_every = 150, 32, 50
-  c.ppo = default_ppo_config()
-  c.ppo.update(dict(iterations=30, train_prompts=4096, prompts_per_iter=64, minibatch_size=32,
-                    epochs=2, max_new_tokens=48, kl_coef=0.05, kl_target=3.0, kl_horizon=1000,
-                    eval_every=10))
-  c.ppo.optim.lr = 3e-5
-  c.eval = ml_collections.ConfigDict(dict(prompts=128, k=4))
-  if runlocal:
-    c.sft.steps, c.sft.eval_every = 80, 40
-    c.sampling.train_prompts, c.sampling.eval_prompts, c.sampling.batch_size = 64, 32, 128
-    c.reward.steps, c.reward.eval_every = 60, 30
-    c.dpo.steps, c.dpo.eval_every, c.dpo.batch_size = 40, 20, 16
-    c.ppo.iterations, c.ppo.prompts_per_iter, c.ppo.minibatch_size = 6, 32, 16
-    c.ppo.eval_every = 3
-    c.eval.prompts, c.eval.k = 32, 2
-  return c
+def check_model(config: ml_collections.ConfigDict) -> None:
+  """config.model: a known size, positive shapes, a known dtype (ModelConfig's own checks
+  run too, naming the section), and config.export.dtype."""
+  cfg = config.model
+  if cfg.size not in models.SIZES:
+    raise ValueError(f"config.model.size={cfg.size!r}; expected one of {sorted(models.SIZES)}")
+  for key in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_dim", "max_len"):
+    value = cfg.get(key)
+    if value is not None and (not isinstance(value, int) or value < 1):
+      raise ValueError(f"config.model.{key}={value!r}: must be an integer >= 1")
+  if cfg.get("dtype", "float32") not in models.config.DTYPES:
+    raise ValueError(f"config.model.dtype={cfg.dtype!r}; expected one of "
+                     f"{tuple(models.config.DTYPES)}")
+  try:
+    model_config(cfg)
+  except ValueError as e:
+    raise ValueError(f"config.model: {e}") from None
+  export = config.get("export")
+  if export is not None and export.dtype not in ("", "float32", "bfloat16"):
+    raise ValueError(f"config.export.dtype={export.dtype!r}; expected '', 'float32' or "
+                     "'bfloat16'")

@@ -1,7 +1,8 @@
 """Reading a trained model (params only) out of a stage's orbax checkpoint directory.
 
 Our stages save `state` = {"params", "opt", "step", "rng"} and `extra` = {"config": the run's
-config as a dict, "data_position", ...} (see rlhf_jax.train.checkpoint). Collecting
+config as a dict, "model": the model's ModelConfig, "data_position", ...} (see
+rlhf_jax.train.checkpoint and train.stage.checkpoint_extra). Collecting
 preferences needs only the params, so this restores `state["params"]` alone (orbax partial
 restore: the optimiser moments, twice the params' size, are never read) onto the mesh, and
 rebuilds the model and the task (tokenizer, special ids) from the config saved in the same
@@ -72,7 +73,7 @@ def restore(path: str | os.PathLike, *, role: str, mesh, rules) -> Restored:
   """Params of `role` ("policy" from SFT, "reward" from the reward stage) placed on `mesh`.
 
   The reward stage trains an ensemble with params stacked on a leading member axis; they come
-  back stacked ([k, ...]), as `rlhf_jax.train.reward.score_sequences` expects.
+  back stacked ([k, ...]), as `rlhf_jax.train.scoring.score_sequences` expects.
   """
   directory = checkpoint_directory(path)
   step = latest_committed_step(directory)
@@ -83,8 +84,12 @@ def restore(path: str | os.PathLike, *, role: str, mesh, rules) -> Restored:
       raise ValueError(f"{directory}/{step}: the checkpoint's extra item has no 'config'; it "
                        "was not written by an rlhf_jax stage")
     config = ml_collections.ConfigDict(extra["config"])
-    task = task_lib.build_task(config.task)
-    module = models.build_model(configs.model_config(config.model, task.vocab_size), role)
+    task = task_lib.build_task(config)
+    # The model's own config is stored beside the run's since models can come from HF
+    # directories; older checkpoints only have config.model.
+    model_cfg = (models.config_from_dict(extra["model"]) if "model" in extra else
+                 configs.model_config(config.model, task.vocab_size))
+    module = models.build_model(model_cfg, role)
     sample = jnp.zeros((1, 1), jnp.int32)
     shapes, specs = parallel.abstract_params(module, sample)
     shardings = parallel.logical_to_shardings(specs, shapes, mesh, rules)

@@ -132,9 +132,7 @@ def sample_responses(policy: Policy, prompts: list[str], *, k: int,
                      ) -> tuple[list[list[db_lib.Response]], int]:
   """k responses per prompt (decoded text, finished?, token count) and how many prompts were
   cut from the left to max_prompt_len."""
-  sampling_cfg = sampling.SamplingConfig(
-      max_new_tokens=cfg.max_new_tokens, eos_id=policy.eos_id, pad_id=policy.pad_id,
-      temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+  sampling_cfg = sampling.sampling_config(cfg, policy.eos_id, policy.pad_id)
   encoded = data.encode_texts(policy.tokenizer, prompts, "tokenize prompts")
   prompt_ids = []
   truncated = 0

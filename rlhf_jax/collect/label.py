@@ -50,7 +50,7 @@ def reward_model_scorer(path: str, *, mesh, rules="fsdp", batch_size: int = 64) 
   """The ensemble-mean reward of a reward-stage checkpoint. Responses are tokenised as the
   reward stage tokenises them (EOS appended, the same truncation), so scores are on the scale
   the model was trained on."""
-  from rlhf_jax.train import reward as reward_lib  # Only this labeller needs the train stack.
+  from rlhf_jax.train import scoring  # Only this labeller needs the train stack.
   restored = checkpoints.restore(path, role="reward", mesh=mesh, rules=rules)
   tok = dataclasses.replace(restored.task.tokenize_config, over_length="truncate")
 
@@ -61,8 +61,8 @@ def reward_model_scorer(path: str, *, mesh, rules="fsdp", batch_size: int = 64) 
     tokenized = data.tokenize_sft(examples, restored.task.tokenizer, tok).examples
     batch = data.pad_sft(tokenized, tok.max_prompt_len, tok.max_response_len, tok.pad_id)
     with parallel.mesh_context(mesh, rules):
-      rewards = reward_lib.score_sequences(restored.module, restored.params, batch.input_ids,
-                                           batch.attention_mask, mesh, batch_size)
+      rewards = scoring.score_sequences(restored.module, restored.params, batch.input_ids,
+                                        batch.attention_mask, mesh, batch_size)
     return rewards.mean(axis=0)
   return score
 

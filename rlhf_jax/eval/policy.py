@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import data, parallel, sampling
+from rlhf_jax import data, parallel, rng, sampling
 
 
 def left_pad(prompts, width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -22,6 +22,14 @@ def left_pad(prompts, width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     p = np.asarray(p)[-width:]
     ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
   return ids, mask
+
+
+def response_mask(tokens: np.ndarray, eos_id: int) -> np.ndarray:
+  """1 up to and including the first EOS (every column when there is none), as the sampler's
+  Samples.response_mask: what a scorer of sampled responses attends to."""
+  eos = (np.asarray(tokens) == eos_id).astype(np.int32)
+  before = np.cumsum(eos, axis=-1) - eos  # EOS strictly before this column.
+  return (before == 0).astype(np.int32)
 
 
 def mean_and_stderr(x) -> tuple[float, float]:
@@ -47,22 +55,18 @@ def _jitted_response_logprobs(module, temperature: float):
 def sample_responses(module, params, prompt_ids, *, k: int, sampling_cfg: sampling.SamplingConfig,
                      prompt_len: int, pad_id: int, mesh, rules, key: jax.Array, batch_size: int,
                      ref_params=None):
-  """k samples per prompt in fixed-shape batches over the mesh.
+  """k samples per prompt in fixed-shape batches over the mesh (batch b draws from
+  fold_in(key, b)).
 
   Returns (tokens [N, k, max_new], finished [N, k], logprob sums [N, k], reference logprob sums
   [N, k] or None): sums over each response's tokens (EOS included).
   """
   rows = [p for p in prompt_ids for _ in range(k)]
-  batch = max(batch_size // mesh.size, 1) * mesh.size
   ref_fn = _jitted_response_logprobs(module, sampling_cfg.temperature)
   tokens, finished, logps, ref_logps = [], [], [], []
   with parallel.mesh_context(mesh, rules):
-    for b, start in enumerate(range(0, len(rows), batch)):
-      chunk = rows[start:start + batch]
-      n = len(chunk)
-      ids, mask = left_pad(chunk + [chunk[-1]] * (batch - n), prompt_len, pad_id)
-      # Every process holds every prompt, feeds its devices' rows, and gets every row back.
-      ids, mask = parallel.distributed.shard_global((ids, mask), mesh)
+    for b, (ids, mask), n in parallel.padded_batches(left_pad(rows, prompt_len, pad_id), mesh,
+                                                     batch_size):
       out = sampling.generate(module, params, ids, mask, jax.random.fold_in(key, b),
                               sampling_cfg)
       host = parallel.distributed.gather(out)
@@ -83,8 +87,7 @@ def evaluate_policy(module, params, prompts: list[str], *, world: data.ReviewWor
                     key: jax.Array, ref_params=None, k: int = 1) -> dict[str, float]:
   """Gold reward (mean ± s.e. over every sample), KL to ref_params (if given), EOS fraction,
   response length and distinct-1/2 of k samples per prompt at temperature cfg.temperature."""
-  sampling_cfg = sampling.SamplingConfig(max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_id,
-                                         pad_id=tok.pad_id, temperature=cfg.temperature)
+  sampling_cfg = sampling.sampling_config(cfg, tok.eos_id, tok.pad_id)
   prompt_ids = [world.encode(p) for p in prompts]
   tokens, finished, logp, ref_logp = sample_responses(
       module, params, prompt_ids, k=k, sampling_cfg=sampling_cfg,
@@ -101,3 +104,20 @@ def evaluate_policy(module, params, prompts: list[str], *, world: data.ReviewWor
              response_length=float(np.mean([len(r) for r in responses])),
              distinct_1=distinct_n(responses, 1), distinct_2=distinct_n(responses, 2))
   return out
+
+
+def make_policy_evaluator(config: ml_collections.ConfigDict, task, mesh, module, ref_params,
+                          *, prompts: list[str]):
+  """params -> gold reward and KL(π‖π_ref) of config.eval.k samples on each of `prompts`
+  (held-out prompts of a task with a gold reward, `task.world`). The prompts and the sampling
+  key are fixed, so every point of every curve is measured with the same random numbers
+  (common random numbers make comparisons between runs less noisy than independent draws)."""
+  key = rng.key(config.seed, "evaluation")
+
+  def evaluate(params) -> dict[str, float]:
+    out = evaluate_policy(module, params, prompts, world=task.world, cfg=config.sampling,
+                          tok=task.tokenize_config, mesh=mesh, rules=config.sharding, key=key,
+                          ref_params=ref_params, k=config.eval.k)
+    return {k: out[k] for k in ("gold_reward", "gold_reward_stderr", "kl", "kl_stderr",
+                                "eos_fraction", "response_length") if k in out}
+  return evaluate

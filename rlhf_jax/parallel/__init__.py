@@ -1,5 +1,6 @@
 """Meshes, logical-axis-rule presets, sharded init, batch placement and multi-host helpers."""
 from rlhf_jax.parallel import distributed
+from rlhf_jax.parallel.batches import map_batches, mesh_batch_size, padded_batches
 from rlhf_jax.parallel.mesh import (check_tensor_groups_local, hybrid_shapes, make_hybrid_mesh,
                                     make_mesh, mesh_shape)
 from rlhf_jax.parallel.rules import MESH_AXES, PRESETS, axis_rules

@@ -2,4 +2,4 @@
 from rlhf_jax.sampling.best_of_n import (BestOfN, best_of_n, best_of_n_distribution,
                                          best_of_n_kl, best_of_n_kl_estimate)
 from rlhf_jax.sampling.sampler import (Samples, SamplingConfig, filter_logits, generate,
-                                       response_logprobs, sequences)
+                                       response_logprobs, sampling_config, sequences)

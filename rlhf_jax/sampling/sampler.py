@@ -83,6 +83,15 @@ class SamplingConfig:
       raise ValueError(f"prefill_chunk={self.prefill_chunk}; must be >= 1 or None")
 
 
+def sampling_config(settings, eos_id: int | None, pad_id: int) -> SamplingConfig:
+  """A SamplingConfig from a config section holding max_new_tokens and temperature (and top_k,
+  top_p, greedy, min_new_tokens when it has them) and the task's special ids."""
+  optional = ("top_k", "top_p", "greedy", "min_new_tokens")
+  return SamplingConfig(max_new_tokens=settings.max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                        temperature=settings.temperature,
+                        **{k: settings[k] for k in optional if k in settings})
+
+
 @flax.struct.dataclass
 class Samples:
   """Generated responses, one row per prompt row, `max_new_tokens` columns.

@@ -7,6 +7,7 @@ saved, so a killed run continues exactly where its last checkpoint left it.
 import dataclasses
 import json
 import os
+import time
 from typing import Any, Callable, Iterator
 
 import jax
@@ -54,11 +55,16 @@ def train_loop(*, workdir: str, state: state_lib.State, step_fn: Callable,
                make_iterator: Callable[[int], Iterator], to_device: Callable[[Any], Any],
                loop: LoopConfig, extra: dict[str, Any] | None = None,
                eval_fn: Callable[[Any], dict[str, float]] | None = None,
-               desc: str = "train") -> state_lib.State:
+               desc: str = "train", schedule: Callable[[int], Any] | None = None,
+               count_tokens: Callable[[Any], int] | None = None) -> state_lib.State:
   """Runs `step_fn` (already jitted) until loop.total_steps; returns the final state.
 
   make_iterator(position) gives the data iterator at a saved position (its `.position` is
   checkpointed). `extra` (e.g. the config as a dict) is stored with every checkpoint.
+  Besides the step's metrics every logged step has "step_time_s" (wall time of the step,
+  compile included on the first), "lr" (schedule(step - 1): the rate update `step` used) and
+  "tokens_per_s" (count_tokens(host batch) / step time; a step may report its own count as
+  the metric "tokens" instead). At the end the curves are drawn to workdir/curves.png.
   """
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        save_every=loop.checkpoint_every,
@@ -90,8 +96,18 @@ def train_loop(*, workdir: str, state: state_lib.State, step_fn: Callable,
   try:
     with ckpt_lib.PreemptionGuard() as preemption:
       for step in range(start + 1, loop.total_steps + 1):
-        state, metrics = step_fn(state, to_device(next(iterator)))
+        tic = time.perf_counter()
+        batch = next(iterator)
+        state, metrics = step_fn(state, to_device(batch))
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        seconds = time.perf_counter() - tic
+        tokens = metrics.pop("tokens", None)
+        tokens = count_tokens(batch) if tokens is None and count_tokens else tokens
+        metrics["step_time_s"] = seconds
+        if tokens is not None:
+          metrics["tokens_per_s"] = tokens / max(seconds, 1e-9)
+        if schedule is not None:
+          metrics["lr"] = float(schedule(step - 1))
         guard.update(step, metrics["skipped"] == 0)
         metrics["skipped_total"] = guard.skipped_total
         last = step == loop.total_steps
@@ -108,6 +124,8 @@ def train_loop(*, workdir: str, state: state_lib.State, step_fn: Callable,
           raise Preempted(f"{desc}: SIGTERM received; checkpoint saved at step {step}")
       if start == loop.total_steps:
         logging.info("%s: already complete at step %d", desc, start)
+    if jax.process_index() == 0:
+      metrics_lib.plot_curves(workdir, title=desc)
   finally:
     checkpointer.wait()
     checkpointer.close()

@@ -3,9 +3,9 @@
 `MetricWriter(workdir, total_steps=..., initial_step=restored_step)` writes each logged step:
   * to `workdir/metrics.jsonl`, one JSON object per line: {"step": 12, "loss": 0.53, ...}.
     Plain JSON, so pandas/jq/plot scripts read it without any TensorBoard code. Non-finite
-    values are written as null (strict JSON has no NaN/Inf). No wall-clock fields are added, so
-    the file is a pure function of the run: a straight-through run and a killed-and-resumed one
-    produce identical files.
+    values are written as null (strict JSON has no NaN/Inf). The timing fields the loop adds
+    (TIMING_KEYS: step time, tokens/s) are the only ones that are not a function of the run:
+    without them a straight-through run and a killed-and-resumed one produce identical files.
   * to TensorBoard event files in `workdir/tensorboard/` through tensorboardX. tensorboardX is
     pure Python and writes the same event protobufs TensorBoard reads; the alternatives
     (tf.summary, clu/flax metric writers) need TensorFlow, about 1.4 GB we do not otherwise
@@ -45,6 +45,8 @@ from tensorboardX import SummaryWriter
 
 JSONL_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+CURVES_NAME = "curves.png"
+TIMING_KEYS = ("step_time_s", "tokens_per_s")  # Wall-clock metrics (train/loop.py).
 
 
 def _scalar(name: str, value: Any) -> float:
@@ -216,3 +218,47 @@ class NonFiniteGuard:
   def load_state_dict(self, state: Mapping[str, int]) -> None:
     self.consecutive = int(state["consecutive"])
     self.skipped_total = int(state["skipped_total"])
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+  """The rows of a metrics.jsonl (one JSON object per logged step), in order."""
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(workdir: str | os.PathLike, *, title: str = "",
+                max_panels: int = 24) -> str | None:
+  """Draws every metric of workdir/metrics.jsonl against the step into workdir/curves.png
+  (loss and held-out metrics first); returns its path, or None when nothing was logged. Drawn
+  on an Agg canvas without pyplot, so no global backend is touched."""
+  path = os.path.join(os.fspath(workdir), JSONL_NAME)
+  if not os.path.exists(path):
+    return None
+  rows = read_jsonl(path)
+  keys = list(dict.fromkeys(k for r in rows for k in r if k != "step"))
+  if not keys:
+    return None
+  first = lambda k: (k != "loss", not k.startswith("eval_"), k in TIMING_KEYS, k == "lr")
+  keys = sorted(keys, key=first)[:max_panels]
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  cols = min(4, len(keys))
+  nrows = -(-len(keys) // cols)
+  fig = Figure(figsize=(3.6 * cols, 2.6 * nrows), layout="constrained")
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(nrows, cols, squeeze=False).ravel()
+  for ax, key in zip(axes, keys):
+    points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+    if points:
+      xs, ys = zip(*points)
+      ax.plot(xs, ys, marker="." if len(xs) < 40 else None, lw=1)
+    ax.set_title(key, fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+  for ax in axes[len(keys):]:
+    ax.axis("off")
+  if title:
+    fig.suptitle(title)
+  out = os.path.join(os.fspath(workdir), CURVES_NAME)
+  fig.savefig(out, dpi=70)
+  return out

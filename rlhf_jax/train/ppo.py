@@ -1,4 +1,5 @@
-"""Online RL stage: PPO (Ziegler et al. 2019; Ouyang et al. 2022), GRPO and RLOO.
+"""Online RL core: PPO (Ziegler et al. 2019; Ouyang et al. 2022), GRPO and RLOO iterations
+(the stage that runs them is train/rl.py).
 
 One iteration = rollout -> score -> reference log-probs and values -> advantages ->
 `epochs` x minibatch updates -> KL-coefficient update. Implementation details follow "The N+
@@ -17,20 +18,16 @@ so the reference doubles as the frozen base and there is no second copy of the p
 separate value network stays full).
 """
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 
-from rlhf_jax import data, models, objectives, parallel, sampling
+from rlhf_jax import data, models, objectives, parallel, rng, sampling
 from rlhf_jax import eval as eval_lib
-from rlhf_jax.train import loop as loop_lib
 from rlhf_jax.train import optim, state as state_lib, step as step_lib, task as task_lib
-from rlhf_jax.train.reward import ensemble_rewards
-from rlhf_jax.train.sft import make_eval_fn as sft_eval_fn
+from rlhf_jax.train.scoring import ensemble_rewards
 
 ALGORITHMS = ("ppo", "grpo", "rloo")
 REWARD_SOURCES = ("model", "gold")
@@ -47,7 +44,40 @@ def _response_values(values: jax.Array, prompt_len: int, new_tokens: int) -> jax
   return values[:, prompt_len - 1:prompt_len - 1 + new_tokens]
 
 
-def score_rollout(policy_value_module, value_module, reward_module, *, params, ref_params,
+def critic_kind(cfg) -> str | None:
+  """The critic config.ppo asks for: "head" (a value head on the policy backbone, one forward
+  pass for both), "separate" (a value network of its own) or None (GRPO, RLOO)."""
+  return cfg.value if cfg.algorithm == "ppo" else None
+
+
+def check_critic(critic, policy_module, value_module) -> None:
+  """The modules must be the ones the critic kind (config.ppo.value) reads."""
+  if critic == "separate" and value_module is None:
+    raise ValueError("config.ppo.value='separate' needs a value network: pass a value module "
+                     "(models.build_model(cfg, 'value')), or set config.ppo.value='head' with a "
+                     "'policy_value' policy module")
+  if critic == "head" and policy_module.role != "policy_value":
+    raise ValueError(f"config.ppo.value='head' needs a 'policy_value' policy module, got role "
+                     f"{policy_module.role!r}")
+  if critic != "separate" and value_module is not None:
+    raise ValueError(f"a value network was given but the critic is {critic!r} "
+                     "(config.ppo.value / algorithm)")
+
+
+def forward(policy_module, value_module, critic, params, ids, mask, *, logits: bool = True):
+  """(logits or None, values or None) [B, T(, V)] of the trainable tree {"policy", "value"?}
+  for the `critic` kind; with logits=False only the values are computed (no LM head pass)."""
+  if critic == "head":
+    out, values = policy_module.apply({"params": params["policy"]}, ids, mask)
+    return (out if logits else None), values
+  policy = models.build_model(policy_module.cfg, "policy")
+  out = policy.apply({"params": params["policy"]}, ids, mask) if logits else None
+  values = (value_module.apply({"params": params["value"]}, ids, mask)
+            if critic == "separate" else None)
+  return out, values
+
+
+def score_rollout(policy_module, value_module, reward_module, *, critic, params, ref_params,
                   rm_params, prompt_ids, prompt_mask, samples, cfg):
   """Old and reference log-probs, values and reward-model scores of one rollout.
 
@@ -59,16 +89,12 @@ def score_rollout(policy_value_module, value_module, reward_module, *, params, r
   """
   ids, mask = sampling.sequences(prompt_ids, prompt_mask, samples)
   p, n = prompt_ids.shape[1], samples.tokens.shape[1]
-  policy = models.build_model(policy_value_module.cfg, "policy")
+  policy = models.build_model(policy_module.cfg, "policy")
   logp_of = lambda prm: sampling.response_logprobs(policy, prm, prompt_ids, prompt_mask,
                                                    samples, cfg.temperature)
   old_logp, ref_logp = logp_of(params["policy"]), logp_of(ref_params)
-  if value_module is not None:  # A separate value network.
-    values = value_module.apply({"params": params["value"]}, ids, mask)
-  elif policy_value_module.role == "policy_value":  # A value head on the policy backbone.
-    _, values = policy_value_module.apply({"params": params["policy"]}, ids, mask)
-  else:  # Critic-free (GRPO, RLOO).
-    values = jnp.zeros(ids.shape, jnp.float32)
+  _, values = forward(policy_module, value_module, critic, params, ids, mask, logits=False)
+  values = jnp.zeros(ids.shape, jnp.float32) if values is None else values
   values = _response_values(values, p, n) * samples.response_mask
   if rm_params is not None:
     r = ensemble_rewards(reward_module, rm_params, ids, mask)  # [k, B]
@@ -106,22 +132,18 @@ def compute_advantages(batch, kl_coef, cfg):
   return adv, returns, kl
 
 
-def ppo_loss_fn(policy_value_module, value_module, cfg, prompt_len: int):
+def ppo_loss_fn(policy_module, value_module, cfg, prompt_len: int):
   """loss_fn for step.make_train_step over one minibatch; count = 1 (the loss is a mean)."""
-  policy = models.build_model(policy_value_module.cfg, "policy")
+  critic = critic_kind(cfg)
+  check_critic(critic, policy_module, value_module)
 
-  def loss_fn(params, batch, rng, kl_coef):
-    del rng
+  def loss_fn(params, batch, rng_key, kl_coef):
+    del rng_key
     ids = jnp.concatenate([batch["prompt_ids"], batch["tokens"]], 1)
     mask = jnp.concatenate([batch["prompt_mask"], batch["response_mask"]], 1)
     n = batch["tokens"].shape[1]
-    if policy_value_module.role == "policy_value":
-      logits, values = policy_value_module.apply({"params": params["policy"]}, ids, mask)
-    else:
-      logits = policy.apply({"params": params["policy"]}, ids, mask)
-      values = (value_module.apply({"params": params["value"]}, ids, mask)
-                if value_module is not None else None)
-    logp, entropy = models.logprobs_and_entropy(logits[:, prompt_len - 1:-1], batch["tokens"],
+    logits, values = forward(policy_module, value_module, critic, params, ids, mask)
+    logp, entropy = objectives.logprobs_and_entropy(logits[:, prompt_len - 1:-1], batch["tokens"],
                                                 cfg.temperature)
     rmask = batch["response_mask"].astype(jnp.float32) * batch["loss_weight"][:, None]
     # Every per-token term is reduced the same way (config.ppo.loss_aggregation).
@@ -160,24 +182,25 @@ class PPOTrainer:
                reward_module=None, rm_params=None):
     self.config, self.cfg, self.task, self.mesh = config, config.ppo, task, mesh
     self.rules = config.sharding
-    self.policy_value_module = policy_module
+    self.policy_module = policy_module  # Role "policy_value" when the critic is a head on it.
     self.policy = models.build_model(policy_module.cfg, "policy")
+    self.critic = critic_kind(self.cfg)
+    check_critic(self.critic, policy_module, value_module)
     self.value_module = value_module
     self.ref_params, self.reward_module, self.rm_params = ref_params, reward_module, rm_params
     self.lora = models.lora.config_from(config.get("lora"))
     self._merged_policy = jax.jit(functools.partial(self.policy_params, fold=True))
     tok = task.tokenize_config
     self.prompt_len = tok.max_prompt_len
-    self.sampling_cfg = sampling.SamplingConfig(
-        max_new_tokens=self.cfg.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
-        temperature=self.cfg.temperature)
+    self.sampling_cfg = sampling.sampling_config(self.cfg, tok.eos_id, tok.pad_id)
     self._score = jax.jit(lambda params, ref, rm, pi, pm, s: score_rollout(
-        policy_module, value_module, reward_module, params=self.effective(params, ref),
-        ref_params=ref,
-        rm_params=rm, prompt_ids=pi, prompt_mask=pm, samples=s, cfg=self.cfg))
+        policy_module, value_module, reward_module, critic=self.critic,
+        params=self.effective(params, ref), ref_params=ref, rm_params=rm, prompt_ids=pi,
+        prompt_mask=pm, samples=s, cfg=self.cfg))
     self._batch = jax.jit(self._rollout_batch)
     self._kl_coef = jax.jit(self._next_kl_coef)
-    self.tx, _ = optim.make_optimizer(self.cfg.optim, self.cfg.iterations * self.updates_per_iter)
+    self.tx, self.schedule = optim.make_optimizer(self.cfg.optim,
+                                                  self.cfg.iterations * self.updates_per_iter)
     self._update = None
 
   @property
@@ -208,8 +231,7 @@ class PPOTrainer:
     state = state_lib.state_from_params(params, self.tx, key, self.mesh, self.rules)
     state["kl_coef"] = jax.device_put(jnp.asarray(self.cfg.kl_coef, jnp.float32),
                                       state["step"].sharding)
-    loss_fn = ppo_loss_fn(self.policy_value_module, self.value_module, self.cfg,
-                          self.prompt_len)
+    loss_fn = ppo_loss_fn(self.policy_module, self.value_module, self.cfg, self.prompt_len)
     if self.lora is None:
       self._update_fn = step_lib.make_train_step(
           loss_fn, self.tx, accum_steps=self.cfg.optim.accum_steps, state_extra=("kl_coef",))
@@ -251,7 +273,7 @@ class PPOTrainer:
 
   def _next_kl_coef(self, kl_coef, kl, target=None):
     """KL controller on the observed mean summed per-sequence KL of the rollout. `target`
-    (e.g. a state's "kl_target", traced, so a vmap can sweep it) overrides cfg.kl_target."""
+    (traced, so a vmap can sweep it: train.sweep) overrides cfg.kl_target."""
     cfg = self.cfg
     seq_kl = jnp.mean(jnp.sum(kl, axis=1))
     target = cfg.kl_target if target is None else target
@@ -265,10 +287,11 @@ class PPOTrainer:
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     return jax.random.fold_in(step_key, ROLLOUT_STREAM)
 
-  def fused_iteration(self, state, ids, mask, ref_params, rm_params):
+  def fused_iteration(self, state, ids, mask, ref_params, rm_params, kl_target=None):
     """Rollout + scoring + all updates + KL control as ONE traced program (purejaxrl style):
-    jit it, or vmap it over stacked states (e.g. several KL coefficients or seeds) so a sweep
-    is one compile. Needs a jittable reward (reward_source="model").
+    jit it, or vmap it over stacked states (e.g. several KL coefficients or seeds, and
+    `kl_target`, the controller's target per member) so a sweep is one compile. Needs a
+    jittable reward (reward_source="model").
 
     Returns (state, outputs) with per-update metrics averaged, the samples, the batch (for
     host-side metrics) and the observed KL.
@@ -278,8 +301,8 @@ class PPOTrainer:
     # ROLLOUT AND SCORING
     samples = sampling.generate(self.policy, self.policy_params(state["params"], ref_params),
                                 ids, mask, sample_key, self.sampling_cfg)
-    scored = score_rollout(self.policy_value_module, self.value_module, self.reward_module,
-                           params=self.effective(state["params"], ref_params),
+    scored = score_rollout(self.policy_module, self.value_module, self.reward_module,
+                           critic=self.critic, params=self.effective(state["params"], ref_params),
                            ref_params=ref_params, rm_params=rm_params,
                            prompt_ids=ids, prompt_mask=mask, samples=samples, cfg=cfg)
     batch, kl = self._rollout_batch(state["kl_coef"], ids, mask, samples, scored,
@@ -295,8 +318,8 @@ class PPOTrainer:
       return jax.lax.scan(update, state, minibatches)
 
     state, metrics = jax.lax.scan(epoch, state, jnp.arange(cfg.epochs))
-    # KL CONTROLLER (a state may carry its own target: a vmapped sweep over target KL)
-    seq_kl, state["kl_coef"] = self._next_kl_coef(state["kl_coef"], kl, state.get("kl_target"))
+    # KL CONTROLLER (a vmapped sweep gives each member its own target)
+    seq_kl, state["kl_coef"] = self._next_kl_coef(state["kl_coef"], kl, kl_target)
     metrics = {k: (jnp.max(v) if k == "skipped" else jnp.mean(v)) for k, v in metrics.items()}
     return state, {"metrics": metrics, "samples": samples, "batch": batch,
                    "rm_score": scored["rm_score"], "kl": seq_kl}
@@ -361,7 +384,9 @@ class PPOTrainer:
         "response_length": float(lens.mean()),
         "no_eos_fraction": float(1 - np.asarray(samples.finished).mean()),
         "distinct_1": eval_lib.distinct_n(responses, 1),
-        "distinct_2": eval_lib.distinct_n(responses, 2)})
+        "distinct_2": eval_lib.distinct_n(responses, 2),
+        # Tokens of the iteration's sequences (prompts + sampled responses), for tokens/s.
+        "tokens": float(np.sum(prompts["mask"]) + lens.sum())})
     if cfg.algorithm == "ppo":
       metrics["value/explained_variance"] = float(objectives.explained_variance(
           batch["values"], batch["returns"], batch["response_mask"]))
@@ -373,8 +398,10 @@ class PPOTrainer:
 def prompt_iterator(task, config, position: int):
   """Batches of left-padded prompts, each repeated group_size times (group-major)."""
   cfg, tok = config.ppo, task.tokenize_config
-  prompts = [task.world.encode(p) for p in task.world.sample_prompts(cfg.train_prompts,
-                                                                      seed=20)]
+  if ("rl_prompts", cfg.train_prompts) not in task._cache:
+    task._cache["rl_prompts", cfg.train_prompts] = task_lib.prompts(task, config, "train",
+                                                                    n=cfg.train_prompts)
+  prompts = task._cache["rl_prompts", cfg.train_prompts]
 
   def collate(batch):
     rows = [p for p in batch for _ in range(cfg.group_size)]
@@ -388,91 +415,40 @@ def prompt_iterator(task, config, position: int):
                            process_count=1)
 
 
-def run_ppo(config: ml_collections.ConfigDict, workdir: str, *, task, policy, rm=None,
-            sft_eval_examples=None):
-  """PPO/GRPO/RLOO from `policy` = (module, params) (the SFT policy, also the reference).
-
-  rm = (reward module, stacked ensemble params) for config.ppo.reward_source = "model"; the
-  separate value network starts from the reward model's backbone (or the policy's when there
-  is none). Returns (policy module, policy params, results of the held-out evaluation).
-  """
-  cfg = config.ppo
-  if cfg.algorithm not in ALGORITHMS:
-    raise ValueError(f"config.ppo.algorithm={cfg.algorithm!r}; expected one of {ALGORITHMS}")
-  if cfg.reward_source == "model" and rm is None:
-    raise ValueError("config.ppo.reward_source='model' needs a reward model")
-  if cfg.fused and cfg.reward_source != "model":
-    raise ValueError("config.ppo.fused=True compiles the whole iteration: it needs "
-                     "reward_source='model' (the gold reward is computed on the host)")
-  if cfg.algorithm != "ppo" and cfg.group_size < 2:
-    raise ValueError(f"config.ppo.group_size={cfg.group_size}: {cfg.algorithm} needs >= 2")
-  if cfg.reward_source not in REWARD_SOURCES:
-    raise ValueError(f"config.ppo.reward_source={cfg.reward_source!r}; expected one of "
-                     f"{REWARD_SOURCES}")
-  if cfg.value not in CRITICS:
-    raise ValueError(f"config.ppo.value={cfg.value!r}; expected one of {CRITICS}")
-  if cfg.algorithm == "grpo" and cfg.kl_in_reward:
-    raise ValueError("config.ppo.algorithm='grpo' puts the KL in the loss: set "
-                     "config.ppo.kl_in_reward=False (GRPO has no token rewards to put it in)")
-  rows = cfg.prompts_per_iter * cfg.group_size
-  if cfg.minibatch_size > rows or rows % cfg.minibatch_size:
-    raise ValueError(f"config.ppo.minibatch_size={cfg.minibatch_size} must divide the "
-                     f"{rows} rollouts per iteration (prompts_per_iter x group_size)")
-  mesh = parallel.make_mesh(config.mesh.to_dict())
-  trainer, params = make_trainer(config, task, mesh, policy=policy, rm=rm)
-  state = trainer.init_state(params, jax.random.key(config.seed + 6))
-  ppl_fn = (sft_eval_fn(trainer.policy, sft_eval_examples, task.tokenize_config, mesh, 64)
-            if sft_eval_examples else None)
-
-  def eval_fn(params):  # The seed's "perplexity degradation" on held-out SFT data.
-    heldout = ppl_fn(trainer.merged_policy(params))
-    return {"sft_heldout_loss": heldout["eval_loss"],
-            "sft_heldout_perplexity": heldout["eval_perplexity"]}
-
-  with parallel.mesh_context(mesh, config.sharding):
-    state = loop_lib.train_loop(
-        workdir=workdir, state=state, step_fn=trainer.iteration,
-        make_iterator=lambda pos: prompt_iterator(task, config, pos), to_device=lambda b: b,
-        loop=loop_lib.LoopConfig(total_steps=cfg.iterations, log_every=1,
-                                 eval_every=cfg.eval_every,
-                                 checkpoint_every=config.run.checkpoint_every,
-                                 keep_checkpoints=config.run.keep_checkpoints,
-                                 max_nonfinite=config.run.max_nonfinite),
-        extra={"config": config.to_dict()}, eval_fn=eval_fn if ppl_fn else None,
-        desc=cfg.algorithm)
-  return trainer.policy, trainer.merged_policy(state["params"]), {}
-
-
 def make_trainer(config: ml_collections.ConfigDict, task, mesh, *, policy, rm=None):
   """(PPOTrainer, initial trainable params {"policy", "value"?}) for config.ppo.algorithm from
-  `policy` = (module, SFT params), which is also the reference. The separate value network
-  starts from the reward model's backbone (or the policy's when there is none)."""
+  `policy` = (module, SFT params), which is also the reference. A separate value network
+  (config.ppo.value = "separate") starts from the reward model's backbone, whatever its size
+  (config.ppo.value_init = "reward"; the policy's when there is no reward model), or from the
+  policy's ("policy"); config.ppo.value = "head" puts a fresh value head on the policy."""
   cfg = config.ppo
   rules = config.sharding
   module, sft_params = policy
   ref_params = sft_params
   sample = jnp.ones((1, 8), jnp.int32)
-  key = jax.random.key(config.seed + 5)
+  key = rng.key(config.seed, "value_init")
   lora_cfg = models.lora.config_from(config.get("lora"))
   if lora_cfg is None:  # The policy's trainable params: a copy of SFT's (theirs are donated).
     trainable_policy = jax.tree.map(jnp.copy, sft_params)
   else:  # Adapters only; the SFT params stay frozen as the base (= the reference).
     trainable_policy = {"lora": models.lora.init_sharded(
-        module, sft_params, lora_cfg, jax.random.key(config.seed + 8), mesh, rules)}
-  if cfg.algorithm != "ppo":  # Critic-free: no value network at all.
-    policy_module, value_module = module, None
+        module, sft_params, lora_cfg, rng.key(config.seed, "lora_rl"), mesh, rules)}
+  critic = critic_kind(cfg)
+  value_module = None
+  if critic is None:  # Critic-free: no value network at all.
+    policy_module = module
     params = {"policy": trainable_policy}
-  elif cfg.value == "head":
+  elif critic == "head":
     policy_module = models.build_model(module.cfg, "policy_value")
     fresh = parallel.init_params(policy_module, key, sample, mesh=mesh, rules=rules)
     # The SFT policy plus a fresh (zero) value head on its backbone.
     params = {"policy": {**trainable_policy, "value_head": fresh["value_head"]}}
-    value_module = None
   else:
     policy_module = module
-    value_module = models.build_model(module.cfg, "value")
+    from_rm = rm is not None and cfg.value_init == "reward"
+    value_module = models.build_model((rm[0] if from_rm else module).cfg, "value")
     fresh = parallel.init_params(value_module, key, sample, mesh=mesh, rules=rules)
-    source = (jax.tree.map(lambda x: x[0], rm[1]) if rm is not None else sft_params)
+    source = jax.tree.map(lambda x: x[0], rm[1]) if from_rm else sft_params
     params = {"policy": trainable_policy,
               "value": jax.tree.map(jnp.copy, models.transfer_backbone(source, fresh))}
   trainer = PPOTrainer(config, task, mesh, policy_module=policy_module,
@@ -481,64 +457,3 @@ def make_trainer(config: ml_collections.ConfigDict, task, mesh, *, policy, rm=No
                        rm_params=rm[1] if rm is not None and cfg.reward_source == "model"
                        else None)
   return trainer, params
-
-
-def default_ppo_config() -> ml_collections.ConfigDict:
-  """The seed's PPO hyperparameters (lr 1.41e-5, batch 256, minibatch 64, 4 epochs, clip 0.2,
-  value clip 0.2, vf_coef 0.1, initial KL coefficient 0.2, adaptive KL with target 6, up to 256
-  new tokens, temperature 1.0)."""
-  c = ml_collections.ConfigDict(dict(
-      algorithm="ppo", iterations=100, train_prompts=10_000, prompts_per_iter=256, group_size=1,
-      minibatch_size=64, epochs=4, max_new_tokens=256, temperature=1.0, clip_eps=0.2,
-      clip_eps_high=ml_collections.config_dict.placeholder(float), vf_clip=0.2, vf_coef=0.1,
-      ent_coef=0.0, gamma=1.0, lam=0.95, kl_coef=0.2, kl_estimator="k1", kl_in_reward=True,
-      kl_controller="adaptive", kl_target=6.0, kl_horizon=10_000, whiten_rewards=False,
-      loss_aggregation="token_mean", grpo_std_normalize=True, mask_truncated=False,
-      reward_source="model", ensemble_std_coef=0.0, reward_clip=0.0, missing_eos_penalty=1.0,
-      length_penalty=0.0, value="separate", eval_every=10, fused=False,
-      optim=optim.default_optim_config()))
-  c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 1.41e-5, 0, "constant"
-  c.optim.weight_decay, c.optim.b2 = 0.0, 0.999
-  return c
-
-
-def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Stage "ppo" on the review world: SFT (workdir/sft); with reward_source="model", a reward
-  model on gold-labelled pairs of the SFT policy's samples (workdir/reward); then the online
-  algorithm (workdir/<algorithm>); finally gold reward and KL(π‖π_SFT) of both policies on
-  held-out prompts, written to workdir/results.json."""
-  import json
-  from rlhf_jax.train import reward as reward_lib
-  from rlhf_jax.train import sft as sft_lib
-  from rlhf_jax.train.labels import label_policy_samples
-  module, sft_params, task, mesh, _ = sft_lib.run_sft(config, os.path.join(workdir, "sft"))
-  rm = None
-  if config.ppo.reward_source == "model":
-    pairs = [label_policy_samples(module, sft_params, task, config, mesh, n_prompts=n,
-                                  seed=seed)
-             for n, seed in ((config.sampling.train_prompts, 10),
-                             (config.sampling.eval_prompts, 11))]
-    rm_module, rm_params, _ = reward_lib.run_reward(
-        config, os.path.join(workdir, "reward"), task=task, backbone=sft_params,
-        train_pairs=pairs[0], eval_pairs=pairs[1])
-    rm = (rm_module, rm_params)
-  _, params, _ = run_ppo(config, os.path.join(workdir, config.ppo.algorithm), task=task,
-                         policy=(module, sft_params), rm=rm,
-                         sft_eval_examples=task_lib.sft_examples(task, config.task, "eval"))
-  results = evaluate_against_sft(config, task, mesh, module, sft_params, params)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=2)
-  logging.info("%s results: %s", config.ppo.algorithm, results)
-  return results
-
-
-def evaluate_against_sft(config, task, mesh, module, sft_params, params) -> dict:
-  """Gold reward (mean ± s.e.) of the SFT policy and of `params`, and KL(π‖π_SFT), on the same
-  held-out prompts and sampling keys."""
-  prompts = task.world.sample_prompts(config.eval.prompts, seed=12)
-  measure = lambda p, ref: eval_lib.evaluate_policy(
-      module, p, prompts, world=task.world, cfg=config.sampling, tok=task.tokenize_config,
-      mesh=mesh, rules=config.sharding, key=jax.random.key(config.seed + 4), ref_params=ref,
-      k=config.eval.k)
-  return {"sft": measure(sft_params, None), config.ppo.algorithm: measure(params, sft_params)}

@@ -1,4 +1,5 @@
-"""Direct preference optimisation stage: DPO and its family (objectives.PREFERENCE_LOSSES).
+"""Direct preference optimisation stage: DPO and its family (objectives.PREFERENCE_LOSSES) and
+KTO (the pairs split into unpaired completions).
 
 Reference log-probs come from one of (config.dpo.reference):
   "model"       a frozen copy of the initial policy, kept in the train state as "ref" (so exact
@@ -6,11 +7,11 @@ Reference log-probs come from one of (config.dpo.reference):
   "precomputed" scored once over the training pairs before training, cached in
                 workdir/ref_logps.npz and reused on resume when its fingerprint matches;
   "none"        reference-free losses (simpo, orpo).
-Prefix sharing (config.dpo.shared_prefix): each pair is one row [prompt | chosen | rejected];
-both responses attend to the single copy of the prompt and not to each other (segment ids with
-a parent segment, explicit positions), so the prompt is encoded once per pair.
+Prefix sharing (config.dpo.shared_prefix): each pair is one row [prompt | chosen | rejected]
+(train.scoring), so the prompt is encoded once per pair.
+LoRA (config.lora.rank > 0): the state's params are the adapters; the policy's own params are
+the frozen base, an undonated input of the step and also the reference (no copy).
 """
-import functools
 import hashlib
 import os
 
@@ -20,104 +21,68 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from rlhf_jax import configs, data, models, objectives, parallel
+from rlhf_jax import data, models, objectives, parallel, rng
 from rlhf_jax.train import loop as loop_lib
-from rlhf_jax.train import optim, state as state_lib, step as step_lib, task as task_lib
-from rlhf_jax.train.sft import loop_config
+from rlhf_jax.train import optim, scoring, stage as stage_lib, state as state_lib
+from rlhf_jax.train import step as step_lib, task as task_lib
 
+NAME = "dpo"
 REFERENCE_MODES = ("model", "precomputed", "none")
+REFERENCE_FREE = ("simpo", "orpo")
 # Config keys of config.dpo that each loss takes as keyword hyperparameters.
 LOSS_HPARAMS = {"sigmoid": ("label_smoothing",), "robust": ("label_smoothing",),
                 "simpo": ("gamma",), "ipo": ("length_normalized",)}
 
 
-# ---------------------------------------------------------------------------------------------
-# Batches: two padded rows per pair, or one prefix-shared row
-# ---------------------------------------------------------------------------------------------
-
-def pair_rows(batch: data.PreferenceBatch) -> dict[str, np.ndarray]:
-  """Unshared layout: chosen and rejected as separate [B, P+R] rows, pair axis first."""
-  return {"chosen_ids": batch.chosen.input_ids, "chosen_mask": batch.chosen.attention_mask,
-          "chosen_loss_mask": batch.chosen.loss_mask, "rejected_ids": batch.rejected.input_ids,
-          "rejected_mask": batch.rejected.attention_mask,
-          "rejected_loss_mask": batch.rejected.loss_mask}
-
-
-def shared_prefix_rows(batch: data.PreferenceBatch, prompt_len: int) -> dict[str, np.ndarray]:
-  """Prefix-shared layout: one [B, P+2R] row per pair, [prompt (left-padded) | chosen |
-  rejected], segments 1/2/3 with parents 0/1/1, positions continuing the prompt in both
-  responses. `prompt_len` is P of the padded batch (responses start at column P)."""
-  c, r = batch.chosen, batch.rejected
-  width = c.input_ids.shape[1]
-  mask = np.concatenate([c.attention_mask, r.attention_mask[:, prompt_len:]], 1)
-  seg = np.zeros_like(mask)
-  seg[:, :prompt_len], seg[:, prompt_len:width], seg[:, width:] = 1, 2, 3
-  seg *= mask
-  zeros_r = np.zeros_like(r.loss_mask[:, prompt_len:])
-  return {"ids": np.concatenate([c.input_ids, r.input_ids[:, prompt_len:]], 1),
-          "mask": mask, "segment_ids": seg,
-          "parent_segment_ids": (seg >= 2).astype(np.int32),
-          "positions": np.concatenate([c.positions, r.positions[:, prompt_len:]], 1),
-          "chosen_loss_mask": np.concatenate([c.loss_mask, zeros_r], 1),
-          "rejected_loss_mask": np.concatenate([np.zeros_like(c.loss_mask),
-                                                r.loss_mask[:, prompt_len:]], 1)}
+def default_config() -> ml_collections.ConfigDict:
+  """config.dpo: `loss` is "kto" or a key of objectives.PREFERENCE_LOSSES (sigmoid = DPO);
+  reference: see the module docstring; ref_sync_every/alpha: TR-DPO; init_hf_dir: the policy
+  to start from ("" = the pipeline's SFT policy, else config.model_dir, else fresh)."""
+  return ml_collections.ConfigDict(dict(
+      loss="sigmoid", beta=0.1, label_smoothing=0.0, gamma=0.5, length_normalized=True,
+      nll_weight=0.0, desirable_weight=1.0, undesirable_weight=1.0, reference="model",
+      shared_prefix=False, ref_sync_every=0,
+      ref_sync_alpha=1.0, init_hf_dir="", steps=200, batch_size=16, eval_every=100,
+      optim=optim.default_optim_config()))
 
 
-# ---------------------------------------------------------------------------------------------
-# Sequence log-probs
-# ---------------------------------------------------------------------------------------------
-
-def _masked_sums(logp, loss_mask):
-  w = loss_mask[:, 1:].astype(jnp.float32)
-  return jnp.sum(logp * w, axis=-1), jnp.sum(w, axis=-1)
-
-
-def response_sums(module, params, ids, mask, loss_mask, prompt_len: int):
-  """(summed log-probs [B], token counts [B]) of the response tokens of [prompt (left-padded to
-  prompt_len) | response] rows. Prompt tokens are never in a loss mask, so the LM head runs on
-  columns prompt_len - 1 onwards only (`logits_to_keep`): the prompt's logits are never built."""
-  logits = module.apply({"params": params}, ids, mask,
-                        logits_to_keep=ids.shape[1] - prompt_len + 1)
-  return _masked_sums(models.token_logprobs(logits[:, :-1], ids[:, prompt_len:]),
-                      loss_mask[:, prompt_len - 1:])
-
-
-def pair_logps(module, params, batch, *, prompt_len: int, shared_prefix: bool):
-  """(chosen sum, rejected sum, chosen tokens, rejected tokens), each [B] float32: summed
-  response log-probs of one forward pass over the pair batch (either layout).
-
-  Responses start at column `prompt_len` in both layouts, so both read logits from column
-  prompt_len - 1 onwards only (see `response_sums`).
-  """
-  if prompt_len < 1:
-    raise ValueError(f"prompt_len={prompt_len}; pair rows need at least one prompt column")
-  if not shared_prefix:
-    ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]])
-    mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
-    loss_mask = jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
-    sums, counts = response_sums(module, params, ids, mask, loss_mask, prompt_len)
-    (s_c, s_r), (n_c, n_r) = jnp.split(sums, 2), jnp.split(counts, 2)
-    return s_c, s_r, n_c, n_r
-  ids = batch["ids"]
-  logits = module.apply({"params": params}, ids, batch["mask"], batch["segment_ids"],
-                        positions=batch["positions"],
-                        parent_segment_ids=batch["parent_segment_ids"],
-                        logits_to_keep=ids.shape[1] - prompt_len + 1)
-  # Column j of logits / next_lp is column prompt_len - 1 + j of the row.
-  next_lp = models.token_logprobs(logits[:, :-1], ids[:, prompt_len:])
-  s_c, n_c = _masked_sums(next_lp, batch["chosen_loss_mask"][:, prompt_len - 1:])
-  # The first rejected token follows the prompt, not the chosen response: predict it from the
-  # last prompt column (prompt_len - 1, logits column 0) instead of the column before it.
-  first = prompt_len + (ids.shape[1] - prompt_len) // 2
-  first_lp = models.token_logprobs(logits[:, 0], ids[:, first])
-  s_r, n_r = _masked_sums(next_lp.at[:, first - prompt_len].set(first_lp),
-                          batch["rejected_loss_mask"][:, prompt_len - 1:])
-  return s_c, s_r, n_c, n_r
+def validate(config: ml_collections.ConfigDict) -> None:
+  """The loss, reference mode, TR-DPO, KTO and LoRA combinations that can run, and sizes."""
+  cfg = config.dpo
+  stage_lib.check_choice(config, "dpo.loss", ("kto", *sorted(objectives.PREFERENCE_LOSSES)))
+  stage_lib.check_choice(config, "dpo.reference", REFERENCE_MODES)
+  stage_lib.check_positive(config, "dpo.steps", "dpo.batch_size")
+  stage_lib.check_at_least(config, 0, "dpo.eval_every", "dpo.ref_sync_every", "dpo.nll_weight",
+                           "dpo.label_smoothing", "dpo.desirable_weight",
+                           "dpo.undesirable_weight")
+  if not cfg.beta > 0:
+    raise ValueError(f"config.dpo.beta={cfg.beta}: must be > 0")
+  stage_lib.check_optim(config, "dpo")
+  stage_lib.check_batch(config, "dpo.batch_size", accum_key="dpo.optim.accum_steps")
+  is_kto = cfg.loss == "kto"
+  if is_kto and cfg.optim.accum_steps > 1:
+    raise ValueError("config.dpo.loss='kto' with accum_steps > 1 would estimate the batch KL "
+                     "z0 per micro-batch; use accum_steps=1 and a larger batch")
+  if is_kto and (cfg.reference != "model" or cfg.shared_prefix):
+    raise ValueError("config.dpo.loss='kto' needs config.dpo.reference='model' and "
+                     "shared_prefix=False (the KL rows need the reference in the step)")
+  if cfg.loss in REFERENCE_FREE and cfg.reference != "none":
+    raise ValueError(f"config.dpo.loss={cfg.loss!r} is reference-free: set "
+                     "config.dpo.reference='none'")
+  lora = models.lora.config_from(config.get("lora"))
+  if cfg.ref_sync_every and lora is not None:
+    raise ValueError("config.dpo.ref_sync_every (TR-DPO) moves the reference, but with "
+                     "config.lora.rank > 0 the reference is the frozen base; set one to 0")
+  if cfg.ref_sync_every and cfg.reference != "model":
+    raise ValueError("config.dpo.ref_sync_every (TR-DPO) needs config.dpo.reference='model'")
+  if cfg.ref_sync_every and not 0 < cfg.ref_sync_alpha <= 1:
+    raise ValueError(f"config.dpo.ref_sync_alpha={cfg.ref_sync_alpha}: must lie in (0, 1]")
 
 
 # ---------------------------------------------------------------------------------------------
-# Loss and step
+# Pairwise losses
 # ---------------------------------------------------------------------------------------------
+
 
 def preference_loss_fn(module, cfg: ml_collections.ConfigDict, prompt_len: int,
                        beta_in_state: bool = False):
@@ -128,11 +93,11 @@ def preference_loss_fn(module, cfg: ml_collections.ConfigDict, prompt_len: int,
   a vmap over stacked states sweeps it: train.sweep).
   """
   hparams = {k: cfg[k] for k in LOSS_HPARAMS.get(cfg.loss, ())}
-  logps_of = lambda p, b: pair_logps(module, p, b, prompt_len=prompt_len,
-                                     shared_prefix=cfg.shared_prefix)
+  logps_of = lambda p, b: scoring.pair_logps(module, p, b, prompt_len=prompt_len,
+                                             shared_prefix=cfg.shared_prefix)
 
-  def loss_fn(params, batch, rng, *extra):
-    del rng
+  def loss_fn(params, batch, rng_key, *extra):
+    del rng_key
     ref, beta = (extra[:-1], extra[-1]) if beta_in_state else (extra, cfg.beta)
     s_c, s_r, n_c, n_r = logps_of(params, batch)
     if cfg.reference == "model":
@@ -166,6 +131,7 @@ def tr_dpo_sync(every: int, alpha: float):
 # ---------------------------------------------------------------------------------------------
 # KTO: unpaired completions, with mismatched (prompt, completion) rows for the batch KL
 # ---------------------------------------------------------------------------------------------
+
 
 def collate_unpaired(examples, tok: data.TokenizeConfig) -> dict[str, np.ndarray]:
   """Rows for KTO: [prompt (left-padded) | completion (right-padded)] and the labels. The
@@ -212,10 +178,10 @@ def kto_loss_fn(module, cfg: ml_collections.ConfigDict, prompt_len: int):
   """loss_fn for step.make_train_step: summed KTO losses; count = examples. The reference is
   the frozen "ref" state entry (KTO needs reference log-probs of the mismatched rows too)."""
   def logps(params, ids, mask, loss_mask):
-    return response_sums(module, params, ids, mask, loss_mask, prompt_len)[0]
+    return scoring.response_sums(module, params, ids, mask, loss_mask, prompt_len)[0]
 
-  def loss_fn(params, batch, rng, ref):
-    del rng
+  def loss_fn(params, batch, rng_key, ref):
+    del rng_key
     b = batch["ids"].shape[0]
     kl_ids, kl_mask, kl_loss_mask = mismatched_rows(
         batch, prompt_len, stream_successors(b, jax.process_count()))
@@ -237,6 +203,7 @@ def kto_loss_fn(module, cfg: ml_collections.ConfigDict, prompt_len: int):
 # Precomputed reference log-probs
 # ---------------------------------------------------------------------------------------------
 
+
 def _fingerprint(pairs, params, cfg, model_cfg) -> str:
   """Identifies (data, reference params, model config, layout): a cache is reused only when all
   match. Only the first 4096 values of each leaf are read (sliced on device)."""
@@ -251,36 +218,6 @@ def _fingerprint(pairs, params, cfg, model_cfg) -> str:
   return h.hexdigest()
 
 
-def collate_pairs(pairs, tok: data.TokenizeConfig, shared_prefix: bool):
-  batch = data.pad_preferences(pairs, tok.max_prompt_len, tok.max_response_len, tok.pad_id)
-  return shared_prefix_rows(batch, tok.max_prompt_len) if shared_prefix else pair_rows(batch)
-
-
-@functools.lru_cache(maxsize=None)
-def _jitted_pair_logps(module, prompt_len: int, shared_prefix: bool):
-  """One jitted scorer per (module, layout): evaluation reuses it instead of retracing."""
-  return jax.jit(lambda p, b: pair_logps(module, p, b, prompt_len=prompt_len,
-                                         shared_prefix=shared_prefix)[:2])
-
-
-def score_pairs(module, params, pairs, tok, mesh, batch_size: int, shared_prefix: bool):
-  """Summed response log-probs (chosen [N], rejected [N]) of every pair, in batches.
-
-  Multi-host: every process holds all pairs, feeds the rows its devices hold and gets every
-  score back (so all processes agree on, e.g., the precomputed reference)."""
-  batch_size = max(batch_size // mesh.size, 1) * mesh.size
-  fn = _jitted_pair_logps(module, tok.max_prompt_len, shared_prefix)
-  chosen, rejected = [], []
-  for start in range(0, len(pairs), batch_size):
-    chunk = pairs[start:start + batch_size]
-    padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # Fixed shape: one compile.
-    c, r = parallel.distributed.gather(fn(params, parallel.distributed.shard_global(
-        collate_pairs(padded, tok, shared_prefix), mesh)))
-    chosen.append(c[:len(chunk)])
-    rejected.append(r[:len(chunk)])
-  return np.concatenate(chosen), np.concatenate(rejected)
-
-
 def cached_reference_logps(path: str, module, ref_params, pairs, tok, mesh, cfg):
   """Reference log-probs of every training pair, from `path` when it was computed for the same
   data and reference, else computed now (one pass) and written atomically."""
@@ -291,8 +228,8 @@ def cached_reference_logps(path: str, module, ref_params, pairs, tok, mesh, cfg)
       logging.info("reference log-probs: reusing %s", path)
       return cached["chosen"], cached["rejected"]
     logging.warning("%s was computed for other data or another reference; recomputing", path)
-  chosen, rejected = score_pairs(module, ref_params, pairs, tok, mesh, cfg.batch_size,
-                                 cfg.shared_prefix)
+  chosen, rejected = scoring.score_pairs(module, ref_params, pairs, tok, mesh, cfg.batch_size,
+                                         cfg.shared_prefix)
   if jax.process_index() == 0:
     tmp = path + ".tmp.npz"
     np.savez(tmp, chosen=chosen, rejected=rejected, fingerprint=np.asarray(key))
@@ -300,35 +237,22 @@ def cached_reference_logps(path: str, module, ref_params, pairs, tok, mesh, cfg)
   return chosen, rejected
 
 
-class _IndexedPairs:
-  """The training pairs with their precomputed reference log-probs, for DataIterator."""
-
-  def __init__(self, pairs, ref_chosen, ref_rejected):
-    self.pairs, self.ref_chosen, self.ref_rejected = pairs, ref_chosen, ref_rejected
-
-  def __len__(self):
-    return len(self.pairs)
-
-  def __getitem__(self, i):
-    return i
-
-
 # ---------------------------------------------------------------------------------------------
 # Evaluation and the stage
 # ---------------------------------------------------------------------------------------------
 
+
 def make_eval_fn(module, ref_params, eval_pairs, tok, mesh, cfg):
   """Held-out implicit-reward accuracy and margin (β·Δ_w > β·Δ_l), or for reference-free
   losses the accuracy of the policy's average log-probs."""
-  ref = (None if cfg.reference == "none" else
-         score_pairs(module, ref_params, eval_pairs, tok, mesh, cfg.batch_size,
-                     cfg.shared_prefix))
+  score = lambda p: scoring.score_pairs(module, p, eval_pairs, tok, mesh, cfg.batch_size,
+                                        cfg.shared_prefix)
+  ref = None if cfg.reference == "none" else score(ref_params)
   n_c = np.asarray([len(p.chosen) for p in eval_pairs], np.float32)
   n_r = np.asarray([len(p.rejected) for p in eval_pairs], np.float32)
 
   def eval_fn(params):
-    c, r = score_pairs(module, params, eval_pairs, tok, mesh, cfg.batch_size,
-                       cfg.shared_prefix)
+    c, r = score(params)
     if ref is None:  # Reference-free: SimPO's reward, the average log-prob.
       margin = cfg.beta * (c / n_c - r / n_r)
     else:
@@ -338,150 +262,124 @@ def make_eval_fn(module, ref_params, eval_pairs, tok, mesh, cfg):
   return eval_fn
 
 
-def run_preference(config: ml_collections.ConfigDict, workdir: str, *, task=None,
-                   policy=None, train_pairs=None, eval_pairs=None, reference=None):
-  """Trains the policy with config.dpo.loss; returns (module, params, results).
+class _Indexed:
+  """Example indices as the data source (DataIterator permutes them); collation looks the
+  examples (and their precomputed reference log-probs) up."""
 
-  policy: (module, params) to start from (e.g. the SFT stage's); by default a local HF
-  directory (config.dpo.init_hf_dir) or, failing that, a fresh init of config.model.
-  reference: params (of the policy's module) for the frozen reference; by default the starting
-  policy, as in the papers (e.g. continue from a later checkpoint against the SFT reference).
+  def __init__(self, n: int):
+    self.n = n
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    return i
+
+
+def _collate_fn(cfg, tok, train_pairs, reference_logps):
+  """indices -> the step's arrays for the configured loss and layout."""
+  if cfg.loss == "kto":  # Each pair gives a desirable and an undesirable completion.
+    unpaired = [data.TokenizedUnpaired(p.prompt, c, good) for p in train_pairs
+                for c, good in ((p.chosen, True), (p.rejected, False))]
+    return len(unpaired), lambda idx: collate_unpaired([unpaired[i] for i in idx], tok)
+
+  def collate(idx):
+    arrays = scoring.collate_pairs([train_pairs[i] for i in idx], tok, cfg.shared_prefix)
+    if reference_logps is not None:
+      arrays["ref_chosen"] = reference_logps[0][idx].astype(np.float32)
+      arrays["ref_rejected"] = reference_logps[1][idx].astype(np.float32)
+    return arrays
+  return len(train_pairs), collate
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, init: stage_lib.Init = None, *,
+        pairs=None, reference=None) -> stage_lib.StageResult:
+  """Trains the policy of `init` with config.dpo.loss.
+
+  pairs: (train, eval) tokenised pairs, by default the task's (config.data.pairs or the review
+  world's). reference: params (of the policy's module) for the frozen reference; by default
+  the starting policy, as in the papers (e.g. continue from a later checkpoint against the
+  SFT reference).
   """
+  validate(config)
   cfg = config.dpo
-  if cfg.reference not in REFERENCE_MODES:
-    raise ValueError(f"config.dpo.reference={cfg.reference!r}; expected one of "
-                     f"{REFERENCE_MODES}")
-  is_kto = cfg.loss == "kto"
-  if cfg.loss not in objectives.PREFERENCE_LOSSES and not is_kto:
-    raise ValueError(f"config.dpo.loss={cfg.loss!r}; expected 'kto' or one of "
-                     f"{sorted(objectives.PREFERENCE_LOSSES)}")
-  if is_kto and cfg.optim.accum_steps > 1:
-    raise ValueError("config.dpo.loss='kto' with accum_steps > 1 would estimate the batch KL "
-                     "z0 per micro-batch; use accum_steps=1 and a larger batch")
-  if is_kto and (cfg.reference != "model" or cfg.shared_prefix):
-    raise ValueError("config.dpo.loss='kto' needs config.dpo.reference='model' and "
-                     "shared_prefix=False (the KL rows need the reference in the step)")
-  if cfg.loss in ("simpo", "orpo") and cfg.reference != "none":
-    raise ValueError(f"config.dpo.loss={cfg.loss!r} is reference-free: set "
-                     "config.dpo.reference='none'")
-  task = task or task_lib.build_task(config.task)
+  task = init.task if isinstance(init, stage_lib.StageResult) else task_lib.build_task(config)
   mesh = parallel.make_mesh(config.mesh.to_dict())
   rules = config.sharding
   tok = task.tokenize_config
-  if policy is None:
-    if cfg.init_hf_dir:
-      policy = models.load_hf(cfg.init_hf_dir, mesh=mesh, rules=rules)
-    else:
-      module = models.build_model(configs.model_config(config.model, task.vocab_size))
-      sample = jnp.ones((1, 8), jnp.int32)
-      policy = (module, parallel.init_params(module, jax.random.key(config.seed), sample,
-                                             mesh=mesh, rules=rules))
-  module, params = policy
-  train_pairs = train_pairs if train_pairs is not None else task_lib.preference_examples(
-      task, config.task, "train")
-  eval_pairs = eval_pairs if eval_pairs is not None else task_lib.preference_examples(
-      task, config.task, "eval")
-  # LoRA (config.lora.rank > 0): the state's params are the adapters; the policy's own params
-  # are the frozen base, an undonated input of the step and also the reference (no copy).
-  lora_cfg = models.lora.config_from(config.get("lora"))
-  if lora_cfg is not None and cfg.ref_sync_every:
-    raise ValueError("config.dpo.ref_sync_every (TR-DPO) moves the reference, but with "
-                     "config.lora.rank > 0 the reference is the frozen base; set one to 0")
-  if reference is not None and (lora_cfg is not None or cfg.reference == "none"):
-    raise ValueError("run_preference(reference=...) needs config.dpo.reference 'model' or "
+  module, params, dtype = stage_lib.load_model(
+      config, stage_lib.init_source(config, NAME, init), task=task, mesh=mesh, role="policy",
+      fresh_key=rng.key(config.seed, "sft"), where="config.dpo.init_hf_dir")
+  train_pairs, eval_pairs = pairs if pairs is not None else (
+      task_lib.preference_examples(task, config, "train"),
+      task_lib.preference_examples(task, config, "eval"))
+  lora = models.lora.config_from(config.get("lora"))
+  if reference is not None and (lora is not None or cfg.reference == "none"):
+    raise ValueError("a separate reference needs config.dpo.reference 'model' or "
                      "'precomputed' and no LoRA (with config.lora.rank > 0 the reference is "
                      "the frozen base)")
   # The reference: a copy, since the policy's buffers are donated to the first step.
-  ref_params = (None if cfg.reference == "none" else params if lora_cfg is not None else
+  ref_params = (None if cfg.reference == "none" else params if lora is not None else
                 jax.tree.map(jnp.copy, params if reference is None else reference))
 
-  tx, _ = optim.make_optimizer(cfg.optim, cfg.steps)
-  trainable = (jax.tree.map(jnp.copy, params) if lora_cfg is None else models.lora.init_sharded(
-      module, params, lora_cfg, jax.random.key(config.seed + 7), mesh, rules))
-  state = state_lib.state_from_params(trainable, tx, jax.random.key(config.seed + 3), mesh,
+  tx, schedule = optim.make_optimizer(cfg.optim, cfg.steps)
+  trainable = (jax.tree.map(jnp.copy, params) if lora is None else models.lora.init_sharded(
+      module, params, lora, rng.key(config.seed, "lora_preference"), mesh, rules))
+  state = state_lib.state_from_params(trainable, tx, rng.key(config.seed, "preference"), mesh,
                                       rules)
-  state_extra, post_update = (), None
-  if cfg.reference == "model" and lora_cfg is None:
+  in_step_reference = cfg.reference == "model" and lora is None
+  if in_step_reference:
     state["ref"] = ref_params
-    state_extra = ("ref",)
-    if cfg.ref_sync_every:
-      post_update = tr_dpo_sync(cfg.ref_sync_every, cfg.ref_sync_alpha)
-  elif cfg.ref_sync_every:
-    raise ValueError("config.dpo.ref_sync_every (TR-DPO) needs config.dpo.reference='model'")
 
+  reference_logps = None
   if cfg.reference == "precomputed":
     os.makedirs(workdir, exist_ok=True)
-    ref_c, ref_r = cached_reference_logps(os.path.join(workdir, "ref_logps.npz"), module,
-                                          ref_params, train_pairs, tok, mesh, cfg)
-  source = _IndexedPairs(train_pairs, *((ref_c, ref_r) if cfg.reference == "precomputed"
-                                        else (None, None)))
-
-  if is_kto:  # Each pair gives a desirable and an undesirable completion (unpaired data).
-    unpaired = [data.TokenizedUnpaired(p.prompt, c, good) for p in train_pairs
-                for c, good in ((p.chosen, True), (p.rejected, False))]
-    source = _IndexedPairs(unpaired, None, None)
-
-  def collate(indices):
-    if is_kto:
-      return collate_unpaired([unpaired[i] for i in indices], tok)
-    arrays = collate_pairs([train_pairs[i] for i in indices], tok, cfg.shared_prefix)
-    if cfg.reference == "precomputed":
-      arrays["ref_chosen"] = source.ref_chosen[indices].astype(np.float32)
-      arrays["ref_rejected"] = source.ref_rejected[indices].astype(np.float32)
-    return arrays
-
+    reference_logps = cached_reference_logps(os.path.join(workdir, "ref_logps.npz"), module,
+                                             ref_params, train_pairs, tok, mesh, cfg)
+  n_examples, collate = _collate_fn(cfg, tok, train_pairs, reference_logps)
   # Each process collates its share of the global batch from its slice of the stream.
   batcher = data.PaddedBatcher(
       parallel.distributed.local_batch_size(cfg.batch_size, "config.dpo.batch_size"),
       lambda idx: collate(np.asarray(idx)))
 
   def make_iterator(position):
-    return data.DataIterator(source, batcher, seed=config.seed, position=position)
+    return data.DataIterator(_Indexed(n_examples), batcher, seed=config.seed,
+                             position=position)
 
-  loss_fn = (kto_loss_fn(module, cfg, tok.max_prompt_len) if is_kto else
+  loss_fn = (kto_loss_fn(module, cfg, tok.max_prompt_len) if cfg.loss == "kto" else
              preference_loss_fn(module, cfg, tok.max_prompt_len))
-  if lora_cfg is None:
+  evaluate = make_eval_fn(module, ref_params, eval_pairs, tok, mesh, cfg)
+  if lora is None:
     step_fn = state_lib.jit_step(step_lib.make_train_step(
-        loss_fn, tx,
-        accum_steps=cfg.optim.accum_steps, state_extra=state_extra, post_update=post_update),
-        state)
-    eval_fn = make_eval_fn(module, ref_params, eval_pairs, tok, mesh, cfg)
+        loss_fn, tx, accum_steps=cfg.optim.accum_steps,
+        state_extra=("ref",) if in_step_reference else (),
+        post_update=(tr_dpo_sync(cfg.ref_sync_every, cfg.ref_sync_alpha)
+                     if cfg.ref_sync_every else None)), state)
+    eval_fn, policy_of = evaluate, lambda trained: trained
   else:
-    loss_fn = models.lora.lora_loss_fn(loss_fn, lora_cfg.scale,
+    loss_fn = models.lora.lora_loss_fn(loss_fn, lora.scale,
                                        base_is_reference=cfg.reference == "model")
     step_fn = models.lora.jit_frozen_step(step_lib.make_train_step(
         loss_fn, tx, accum_steps=cfg.optim.accum_steps, state_extra=("base",)),
         "base", state, params)
-    eval_merged = make_eval_fn(module, ref_params, eval_pairs, tok, mesh, cfg)
-    eval_fn = lambda adapters: eval_merged(models.merge_lora(params, adapters, lora_cfg.scale))
+    policy_of = lambda adapters: models.merge_lora(params, adapters, lora.scale)
+    eval_fn = lambda adapters: evaluate(policy_of(adapters))
   with parallel.mesh_context(mesh, rules):
     state = loop_lib.train_loop(
         workdir=workdir, state=state, step_fn=step_fn, make_iterator=make_iterator,
-        to_device=lambda b: parallel.shard_batch(b, mesh), loop=loop_config(cfg, config.run),
-        extra={"config": config.to_dict()}, eval_fn=eval_fn, desc=f"dpo[{cfg.loss}]")
+        to_device=lambda b: parallel.shard_batch(b, mesh),
+        loop=stage_lib.loop_config(cfg, config.run), extra=stage_lib.checkpoint_extra(config, module),
+        eval_fn=eval_fn, desc=f"{NAME}[{cfg.loss}]", schedule=schedule,
+        count_tokens=_token_count)
     results = eval_fn(state["params"])
   logging.info("dpo[%s]: %s", cfg.loss, results)
-  if lora_cfg is not None:  # Plain policy params onwards (sampling, PPO, save_hf).
-    return module, models.merge_lora(params, state["params"], lora_cfg.scale), results
-  return module, state["params"], results
+  policy = policy_of(state["params"])  # Plain policy params onwards (sampling, PPO, export).
+  hf_dir = stage_lib.export(config, workdir, module, policy, task, dtype)
+  return stage_lib.StageResult(NAME, module, policy, task, mesh, results, workdir, hf_dir,
+                               dtype)
 
 
-def default_dpo_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      loss="sigmoid", beta=0.1, label_smoothing=0.0, gamma=0.5, length_normalized=True,
-      nll_weight=0.0, desirable_weight=1.0, undesirable_weight=1.0, reference="model",
-      shared_prefix=False, ref_sync_every=0,
-      ref_sync_alpha=1.0, init_hf_dir="", steps=200, batch_size=16, eval_every=100,
-      optim=optim.default_optim_config()))
-
-
-def run_pipeline(config: ml_collections.ConfigDict, workdir: str):
-  """Stage "dpo": the SFT stage (resumable, workdir/sft) unless config.dpo.init_hf_dir names a
-  local HF policy, then preference optimisation from it (workdir/dpo)."""
-  from rlhf_jax.train import sft as sft_lib
-  task = task_lib.build_task(config.task)
-  policy = None
-  if not config.dpo.init_hf_dir:
-    module, params, task, _, _ = sft_lib.run_sft(config, os.path.join(workdir, "sft"))
-    policy = (module, params)
-  return run_preference(config, os.path.join(workdir, "dpo"), task=task, policy=policy)
+def _token_count(batch) -> int:
+  """Real tokens of a host batch in any of the layouts (chosen + rejected, or KTO rows)."""
+  masks = [v for k, v in batch.items() if k in ("mask", "chosen_mask", "rejected_mask")]
+  return int(sum(np.sum(m) for m in masks))

@@ -2,32 +2,56 @@
 
 Members differ by their head's init seed and, for k > 1, by a bootstrap resample of the training
 pairs (bagging; Coste et al. 2023, "Reward model ensembles help mitigate overoptimization", vary
-only the seed on the same data). Downstream, PPO can optimise mean − k·std of the members
-(config.ppo.ensemble_std_coef; Coste et al.'s uncertainty-weighted variant uses the variance). All
-members
-train in one program: their params are stacked on a leading axis and the step is vmapped, so
-k members cost one compile. k = 1 is the plain reward model (no resampling).
+only the seed on the same data), or by the training sets the caller gives each member. PPO can
+optimise mean − c·std of the members (config.ppo.ensemble_std_coef). All members train in one
+program: their params are stacked on a leading axis and the step is vmapped, so k members cost
+one compile. k = 1 is the plain reward model (no resampling).
 
 After training each member's head is affinely rescaled so that its rewards on a reference set
 (the held-out pairs' chosen and rejected responses) have mean 0 and std 1; the gain and bias
 are folded into the head's kernel and bias, so the stored params *are* the normalised model.
+The export is an HF `*ForSequenceClassification` per member (see models.save_hf for the bias).
 """
-import functools
 import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import flax.linen as nn
 import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rlhf_jax import configs, data, models, objectives, parallel
+from rlhf_jax import configs, data, models, objectives, parallel, rng
 from rlhf_jax.train import loop as loop_lib
-from rlhf_jax.train import optim, state as state_lib, step as step_lib, task as task_lib
-from rlhf_jax.train.sft import loop_config
+from rlhf_jax.train import optim, scoring, stage as stage_lib, state as state_lib
+from rlhf_jax.train import step as step_lib, task as task_lib
+
+NAME = "reward"
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """config.reward: Bradley–Terry steps over `batch_size` pairs; `ensemble_size` members;
+  use_margin: the data's margins in the loss; center_coef: the (r_c + r_r)² penalty;
+  init_hf_dir: the backbone to start from ("" = the pipeline's SFT policy, else
+  config.model_dir, else fresh)."""
+  return ml_collections.ConfigDict(dict(
+      steps=150, batch_size=32, ensemble_size=1, use_margin=False, center_coef=0.0,
+      eval_every=50, eval_batch_size=256, init_hf_dir="", optim=optim.default_optim_config()))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  stage_lib.check_positive(config, "reward.steps", "reward.batch_size", "reward.ensemble_size",
+                           "reward.eval_batch_size")
+  stage_lib.check_at_least(config, 0, "reward.eval_every", "reward.center_coef")
+  stage_lib.check_optim(config, "reward")
+  stage_lib.check_batch(config, "reward.batch_size", accum_key="reward.optim.accum_steps")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss and ensemble step
+# ---------------------------------------------------------------------------------------------
 
 
 def pair_arrays(batch: data.PreferenceBatch) -> dict[str, np.ndarray]:
@@ -47,8 +71,8 @@ def pair_rewards(module, params, batch) -> tuple[jax.Array, jax.Array]:
 
 def reward_loss_fn(module, *, use_margin: bool, center_coef: float):
   """loss_fn for step.make_train_step: Bradley–Terry summed over pairs, count = pairs."""
-  def loss_fn(params, batch, rng):
-    del rng
+  def loss_fn(params, batch, rng_key):
+    del rng_key
     r_c, r_r = pair_rewards(module, params, batch)
     loss_sum, sums = objectives.bradley_terry(
         r_c, r_r, margin=batch["margin"] if use_margin else None, center_coef=center_coef)
@@ -77,15 +101,18 @@ def init_ensemble(module, keys: jax.Array, mesh, rules, backbone=None):
     return jax.jit(jax.vmap(one, in_axes=(0, None)), out_shardings=shardings)(keys, backbone)
 
 
-def ensemble_state(params, tx, rng: jax.Array, mesh, rules) -> state_lib.State:
-  """Per-member optimiser state, step and RNG, all stacked on the leading axis."""
+def ensemble_state(params, tx, key: jax.Array, mesh, rules) -> state_lib.State:
+  """Per-member optimiser state, step and RNG, all stacked on the leading axis; the moments
+  shard like the params (state.opt_shardings), not replicated."""
   k = jax.tree.leaves(params)[0].shape[0]
   member = NamedSharding(mesh, P(None))
   with parallel.mesh_context(mesh, rules):
-    opt = jax.jit(jax.vmap(tx.init))(params)
+    # Stacked params carry stacked shardings, so tx.init's own structure maps onto them.
+    opt = jax.jit(jax.vmap(tx.init),
+                  out_shardings=state_lib.opt_shardings(tx, params, mesh))(params)
   return {"params": params, "opt": opt,
           "step": jax.device_put(jnp.zeros((k,), jnp.int32), member),
-          "rng": jax.device_put(jax.random.key_data(jax.random.split(rng, k)),
+          "rng": jax.device_put(jax.random.key_data(jax.random.split(key, k)),
                                 NamedSharding(mesh, P(None, None)))}
 
 
@@ -103,11 +130,9 @@ def ensemble_step(step_fn):
 
 
 class EnsembleIterator:
-  """k DataIterators over bootstrap resamples, advanced together; batches stacked [k, ...].
-
-  All members consume the same number of examples per batch (padded batches), so one
-  integer position resumes all of them.
-  """
+  """k DataIterators over the members' training sets, advanced together; batches stacked
+  [k, ...]. All members consume the same number of examples per batch (padded batches), so one
+  integer position resumes all of them."""
 
   def __init__(self, iterators):
     self._iterators = iterators
@@ -130,7 +155,7 @@ def bootstrap_sources(examples, k: int, seed: int):
     return [examples]
   out = []
   for member in range(k):
-    idx = np.random.default_rng([seed, 7, member]).integers(0, len(examples), len(examples))
+    idx = rng.host_rng(seed, "bootstrap", member).integers(0, len(examples), len(examples))
     out.append([examples[i] for i in idx])
   return out
 
@@ -144,34 +169,6 @@ def shard_members(batch, mesh):
   return jax.tree.map(put, batch)
 
 
-def ensemble_rewards(module, params, ids, mask) -> jax.Array:
-  """[k, B] rewards of every member for the sequences [B, T]."""
-  return jax.vmap(lambda p: module.apply({"params": p}, ids, mask))(params)
-
-
-@functools.lru_cache(maxsize=None)
-def _jitted_ensemble_rewards(module):
-  """One jitted scorer per module: evaluations reuse it instead of retracing."""
-  return jax.jit(lambda p, i, m: ensemble_rewards(module, p, i, m))
-
-
-def score_sequences(module, params, ids: np.ndarray, mask: np.ndarray, mesh,
-                    batch_size: int) -> np.ndarray:
-  """[k, N] member rewards for N padded sequences, in batches divisible over the mesh."""
-  batch_size = max(batch_size // mesh.size, 1) * mesh.size
-  fn = _jitted_ensemble_rewards(module)
-  out = []
-  for start in range(0, len(ids), batch_size):
-    i, m = ids[start:start + batch_size], mask[start:start + batch_size]
-    short = batch_size - len(i)
-    if short:
-      i = np.concatenate([i, np.zeros((short, i.shape[1]), i.dtype)])
-      m = np.concatenate([m, np.zeros((short, m.shape[1]), m.dtype)])
-    r = parallel.distributed.gather(fn(params, *parallel.distributed.shard_global((i, m), mesh)))
-    out.append(r[:, :batch_size - short])
-  return np.concatenate(out, axis=1)
-
-
 def normalize_heads(params, rewards: np.ndarray):
   """Folds r' = (r − mean) / std (per member, over `rewards` [k, N]) into the reward heads."""
   mean, std = rewards.mean(axis=1), rewards.std(axis=1) + 1e-8
@@ -181,37 +178,47 @@ def normalize_heads(params, rewards: np.ndarray):
   return {**params, "reward_head": {"kernel": kernel, "bias": bias}}, mean, std
 
 
-def evaluate_pairs(module, params, pairs, tok: data.TokenizeConfig, mesh, batch_size: int
-                   ) -> dict[str, float]:
-  """Held-out accuracy of each member, of the ensemble mean, and the mean ensemble std."""
+def evaluate_pairs(module, params, pairs, tok: data.TokenizeConfig, mesh, batch_size: int):
+  """Held-out accuracy of each member, of the ensemble mean, and the mean ensemble std; and
+  the member rewards [k, 2N] of the chosen then the rejected responses."""
   batch = data.pad_preferences(pairs, tok.max_prompt_len, tok.max_response_len, tok.pad_id)
-  r_c = score_sequences(module, params, batch.chosen.input_ids, batch.chosen.attention_mask,
-                        mesh, batch_size)
-  r_r = score_sequences(module, params, batch.rejected.input_ids,
-                        batch.rejected.attention_mask, mesh, batch_size)
+  r_c = scoring.score_sequences(module, params, batch.chosen.input_ids,
+                                batch.chosen.attention_mask, mesh, batch_size)
+  r_r = scoring.score_sequences(module, params, batch.rejected.input_ids,
+                                batch.rejected.attention_mask, mesh, batch_size)
   member_acc = (r_c > r_r).mean(axis=1)
   out = {"eval_accuracy": float((r_c.mean(0) > r_r.mean(0)).mean()),
          "eval_accuracy_members_mean": float(member_acc.mean()),
+         "eval_accuracy_members": [float(a) for a in member_acc],
          "eval_ensemble_std": float(np.concatenate([r_c, r_r], 1).std(0).mean())}
   return out, np.concatenate([r_c, r_r], axis=1)
 
 
-def run_reward(config: ml_collections.ConfigDict, workdir: str, *, task=None, backbone=None,
-               train_pairs=None, eval_pairs=None):
-  """Trains config.reward.ensemble_size reward models; returns (module, stacked params,
-  results). Pairs default to the task's (gold-labelled samples of the review world, or
-  JSONL); `backbone` (e.g. SFT params) initialises every member's backbone."""
-  task = task or task_lib.build_task(config.task)
-  module = models.build_model(configs.model_config(config.model, task.vocab_size), "reward")
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, init: stage_lib.Init = None, *,
+        pairs=None) -> stage_lib.StageResult:
+  """Trains config.reward.ensemble_size reward models from the backbone of `init`.
+
+  pairs: (train, eval) tokenised pairs, by default the task's (config.data.pairs, or
+  gold-labelled samples of the review world). `train` may instead be a list of training sets,
+  one per member (the ensemble size is then their number, and no resampling is done).
+  Returns the stacked, normalised ensemble (StageResult.params [k, ...]).
+  """
+  cfg = config.reward
+  task = init.task if isinstance(init, stage_lib.StageResult) else task_lib.build_task(config)
   mesh = parallel.make_mesh(config.mesh.to_dict())
   rules = config.sharding
-  cfg = config.reward
   tok = task.tokenize_config
-  train_pairs = train_pairs if train_pairs is not None else task_lib.preference_examples(
-      task, config.task, "train")
-  eval_pairs = eval_pairs if eval_pairs is not None else task_lib.preference_examples(
-      task, config.task, "eval")
-  sources = bootstrap_sources(train_pairs, cfg.ensemble_size, config.seed)
+  train_pairs, eval_pairs = pairs if pairs is not None else (
+      task_lib.preference_examples(task, config, "train"),
+      task_lib.preference_examples(task, config, "eval"))
+  per_member = bool(train_pairs) and isinstance(train_pairs[0], list)
+  sources = (train_pairs if per_member else
+             bootstrap_sources(train_pairs, cfg.ensemble_size, config.seed))
   collate = lambda exs: data.pad_preferences(exs, tok.max_prompt_len, tok.max_response_len,
                                              tok.pad_id)
   # Each process collates its share of the global batch from its slice of the stream.
@@ -223,31 +230,46 @@ def run_reward(config: ml_collections.ConfigDict, workdir: str, *, task=None, ba
                                                position=position)
                              for i, src in enumerate(sources)])
 
-  tx, _ = optim.make_optimizer(cfg.optim, cfg.steps)
-  init_key, rng = jax.random.split(jax.random.key(config.seed + 1))
-  params = init_ensemble(module, jax.random.split(init_key, cfg.ensemble_size), mesh, rules,
+  tx, schedule = optim.make_optimizer(cfg.optim, cfg.steps)
+  init_key, key = jax.random.split(rng.key(config.seed, "reward"))
+  # The backbone: an earlier stage's policy, an HF directory (its score head, if any, is
+  # replaced by each member's fresh head) or fresh weights of config.model.
+  source = stage_lib.init_source(config, "reward", init)
+  if source is None:
+    module = models.build_model(configs.model_config(config.model, task.vocab_size), NAME)
+    backbone, dtype = None, "float32"
+  else:
+    module, backbone, dtype = stage_lib.load_model(config, source, task=task, mesh=mesh,
+                                                   role=NAME, fresh_key=init_key,
+                                                   where="config.reward.init_hf_dir")
+  params = init_ensemble(module, jax.random.split(init_key, len(sources)), mesh, rules,
                          backbone)
-  state = ensemble_state(params, tx, rng, mesh, rules)
+  state = ensemble_state(params, tx, key, mesh, rules)
   single = step_lib.make_train_step(
       reward_loss_fn(module, use_margin=cfg.use_margin, center_coef=cfg.center_coef), tx,
       accum_steps=cfg.optim.accum_steps)
   step_fn = state_lib.jit_step(ensemble_step(single), state)
 
   def eval_fn(params):
-    return evaluate_pairs(module, params, eval_pairs, tok, mesh, cfg.eval_batch_size)[0]
+    out = evaluate_pairs(module, params, eval_pairs, tok, mesh, cfg.eval_batch_size)[0]
+    return {k: v for k, v in out.items() if not isinstance(v, list)}
 
   with parallel.mesh_context(mesh, rules):
     state = loop_lib.train_loop(
         workdir=workdir, state=state, step_fn=step_fn, make_iterator=make_iterator,
-        to_device=lambda b: shard_members(b, mesh), loop=loop_config(cfg, config.run),
-        extra={"config": config.to_dict()}, eval_fn=eval_fn, desc="reward")
+        to_device=lambda b: shard_members(b, mesh), loop=stage_lib.loop_config(cfg, config.run),
+        extra=stage_lib.checkpoint_extra(config, module), eval_fn=eval_fn, desc=NAME, schedule=schedule,
+        count_tokens=lambda b: int(np.sum(b["chosen_mask"]) + np.sum(b["rejected_mask"])))
     results, rewards = evaluate_pairs(module, state["params"], eval_pairs, tok, mesh,
                                       cfg.eval_batch_size)
     params, mean, std = normalize_heads(state["params"], rewards)
   results.update({"normalization_mean": mean.tolist(), "normalization_std": std.tolist(),
-                  "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs)})
+                  "train_pairs": sum(len(s) for s in sources) if per_member else
+                  len(train_pairs), "eval_pairs": len(eval_pairs)})
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "reward_results.json"), "w") as f:
       json.dump(results, f, indent=2)
   logging.info("reward: %s", results)
-  return module, params, results
+  hf_dir = stage_lib.export(config, workdir, module, params, task, dtype)
+  return stage_lib.StageResult(NAME, module, params, task, mesh, results, workdir, hf_dir,
+                               dtype)

@@ -1,21 +1,45 @@
 """SFT stage: masked next-token NLL on response tokens over packed batches."""
-import math
-
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
-from rlhf_jax import configs, data, models, objectives, parallel
+from rlhf_jax import data, objectives, parallel, rng
+from rlhf_jax import eval as eval_lib
 from rlhf_jax.train import loop as loop_lib
-from rlhf_jax.train import optim, state as state_lib, step as step_lib, task as task_lib
+from rlhf_jax.train import optim, stage as stage_lib, state as state_lib, step as step_lib
+from rlhf_jax.train import task as task_lib
+
+NAME = "sft"
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """config.sft: `rows` x `length` packed rows per (global) batch, at most `max_sequences`
+  examples per row; held-out NLL every `eval_every` steps; init_hf_dir: a local HF causal LM
+  to start from ("" = config.model_dir, else fresh weights of config.model)."""
+  return ml_collections.ConfigDict(dict(
+      steps=300, rows=8, length=128, max_sequences=32, eval_every=100, eval_batch_size=64,
+      init_hf_dir="", optim=optim.default_optim_config()))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  cfg = config.sft
+  stage_lib.check_positive(config, "sft.steps", "sft.rows", "sft.length", "sft.max_sequences",
+                           "sft.eval_batch_size")
+  stage_lib.check_at_least(config, 0, "sft.eval_every")
+  stage_lib.check_optim(config, "sft")
+  stage_lib.check_batch(config, "sft.rows", accum_key="sft.optim.accum_steps")
+  tok_len = config.task.get("max_prompt_len", 0) + config.task.get("max_response_len", 0)
+  if config.task.kind == "files" and tok_len > cfg.length:
+    raise ValueError(f"config.sft.length={cfg.length} is shorter than one example can be "
+                     f"(config.task.max_prompt_len + max_response_len = {tok_len}): such "
+                     "examples could never be packed")
 
 
 def sft_loss_fn(module):
   """loss_fn for step.make_train_step: summed response-token NLL and the token count."""
-  def loss_fn(params, batch, rng):
-    del rng  # Deterministic objective.
+  def loss_fn(params, batch, rng_key):
+    del rng_key  # Deterministic objective.
     logits = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                           batch.get("segment_ids"))
     nll, count = objectives.next_token_nll(logits, batch["input_ids"], batch["loss_mask"])
@@ -29,62 +53,18 @@ def packed_arrays(batch: data.PackedBatch) -> dict[str, np.ndarray]:
           "segment_ids": batch.segment_ids, "loss_mask": batch.loss_mask}
 
 
-def padded_arrays(batch: data.SequenceBatch) -> dict[str, np.ndarray]:
-  return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-          "loss_mask": batch.loss_mask}
-
-
-def make_eval_fn(module, examples, tok_cfg: data.TokenizeConfig, mesh, batch_size: int):
-  """Held-out NLL per response token and perplexity, over padded batches (every example
-  counted once; the last partial batch is padded with empty rows, which carry no loss)."""
-  @jax.jit
-  def nll_sums(params, batch):
-    logits = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
-    return objectives.next_token_nll(logits, batch["input_ids"], batch["loss_mask"])
-
-  batch_size = max(batch_size // mesh.size, 1) * mesh.size  # Divisible over the mesh.
-  batches = []
-  for start in range(0, len(examples), batch_size):
-    chunk = examples[start:start + batch_size]
-    arrays = padded_arrays(data.pad_sft(chunk, tok_cfg.max_prompt_len,
-                                        tok_cfg.max_response_len, tok_cfg.pad_id))
-    short = batch_size - len(chunk)
-    if short:  # Empty rows: loss_mask 0, attention_mask 0.
-      arrays = {k: np.concatenate([v, np.zeros((short, v.shape[1]), v.dtype)])
-                for k, v in arrays.items()}
-    batches.append(arrays)
-
-  def eval_fn(params):
-    total, count = 0.0, 0.0
-    for arrays in batches:
-      # Every process holds every batch and feeds its devices' rows; the sums are replicated.
-      nll, n = nll_sums(params, parallel.distributed.shard_global(arrays, mesh))
-      total, count = total + float(nll), count + float(n)
-    loss = total / max(count, 1.0)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
-  return eval_fn
-
-
-def loop_config(cfg: ml_collections.ConfigDict, run: ml_collections.ConfigDict
-                ) -> loop_lib.LoopConfig:
-  return loop_lib.LoopConfig(total_steps=cfg.steps, log_every=run.log_every,
-                             eval_every=cfg.eval_every, checkpoint_every=run.checkpoint_every,
-                             keep_checkpoints=run.keep_checkpoints,
-                             max_nonfinite=run.max_nonfinite)
-
-
-def run_sft(config: ml_collections.ConfigDict, workdir: str):
-  """Trains config.model on SFT data; returns (module, params, task, mesh, held-out metrics).
+def run(config: ml_collections.ConfigDict, workdir: str, init: stage_lib.Init = None
+        ) -> stage_lib.StageResult:
+  """Trains a policy on config.data.sft (or the review world's SFT set).
 
   Resumes from workdir/checkpoints if present; a finished run returns its final params.
   """
-  task = task_lib.build_task(config.task)
-  module = models.build_model(configs.model_config(config.model, task.vocab_size))
+  cfg = config.sft
+  task = init.task if isinstance(init, stage_lib.StageResult) else task_lib.build_task(config)
   mesh = parallel.make_mesh(config.mesh.to_dict())
   rules = config.sharding
-  cfg = config.sft
-  train = task_lib.sft_examples(task, config.task, "train")
-  heldout = task_lib.sft_examples(task, config.task, "eval")
+  train = task_lib.sft_examples(task, config, "train")
+  heldout = task_lib.sft_examples(task, config, "eval")
   tok = task.tokenize_config
   # config.sft.rows is global: each process packs its share from its slice of the stream.
   batcher = data.PackedBatcher(data.pack_sft,
@@ -96,22 +76,26 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str):
   def make_iterator(position):
     return data.DataIterator(train, batcher, seed=config.seed, position=position)
 
-  tx, _ = optim.make_optimizer(cfg.optim, cfg.steps)
-  init_key, rng = jax.random.split(jax.random.key(config.seed))
-  sample = jnp.ones((1, 8), jnp.int32)
-  params = parallel.init_params(module, init_key, sample, sample, mesh=mesh, rules=rules)
-  state = state_lib.state_from_params(params, tx, rng, mesh, rules)
+  tx, schedule = optim.make_optimizer(cfg.optim, cfg.steps)
+  init_key, key = jax.random.split(rng.key(config.seed, "sft"))
+  module, params, dtype = stage_lib.load_model(
+      config, stage_lib.init_source(config, "sft", init), task=task, mesh=mesh, role="policy",
+      fresh_key=init_key, where="config.sft.init_hf_dir")
+  state = state_lib.state_from_params(params, tx, key, mesh, rules)
   step_fn = state_lib.jit_step(
       step_lib.make_train_step(sft_loss_fn(module), tx, accum_steps=cfg.optim.accum_steps),
       state)
-  eval_fn = make_eval_fn(module, heldout, tok, mesh, cfg.eval_batch_size)
+  evaluate = eval_lib.make_nll_evaluator(module, heldout, tok, mesh, cfg.eval_batch_size)
   with parallel.mesh_context(mesh, rules):
     state = loop_lib.train_loop(
         workdir=workdir, state=state, step_fn=step_fn, make_iterator=make_iterator,
         to_device=lambda b: parallel.shard_batch(packed_arrays(b), mesh),
-        loop=loop_config(cfg, config.run), extra={"config": config.to_dict()}, eval_fn=eval_fn,
-        desc="sft")
-    final = eval_fn(state["params"])
+        loop=stage_lib.loop_config(cfg, config.run), extra=stage_lib.checkpoint_extra(config, module),
+        eval_fn=evaluate, desc=NAME, schedule=schedule,
+        count_tokens=lambda b: int(np.sum(b.attention_mask)))
+    final = evaluate(state["params"])
   logging.info("sft: final held-out loss %.4f, perplexity %.3f", final["eval_loss"],
                final["eval_perplexity"])
-  return module, state["params"], task, mesh, final
+  hf_dir = stage_lib.export(config, workdir, module, state["params"], task, dtype)
+  return stage_lib.StageResult(NAME, module, state["params"], task, mesh, final, workdir,
+                               hf_dir, dtype)

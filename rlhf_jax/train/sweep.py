@@ -19,19 +19,28 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from rlhf_jax import data, objectives, parallel, sampling
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from rlhf_jax import data, objectives, parallel, rng, sampling
 from rlhf_jax import eval as eval_lib
 from rlhf_jax.train import optim, state as state_lib, step as step_lib
 from rlhf_jax.train import ppo as ppo_lib
 from rlhf_jax.train import preference as preference_lib
-from rlhf_jax.train.reward import ensemble_rewards
+from rlhf_jax.train import scoring
 
 Evaluate = Callable[[object], dict[str, float]]  # policy params -> metrics.
 
 
 def stack_trees(trees):
-  """One tree with a new leading axis over `trees` (identical structure)."""
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+  """One tree with a new leading axis over `trees` (identical structure); each leaf placed
+  like its members with the new axis unsharded (so a vmapped step keeps FSDP shardings)."""
+  def stack(*xs):
+    out = jnp.stack(xs)
+    sharding = getattr(xs[0], "sharding", None)
+    if isinstance(sharding, NamedSharding):
+      out = jax.device_put(out, NamedSharding(sharding.mesh, P(None, *sharding.spec)))
+    return out
+  return jax.tree.map(stack, *trees)
 
 
 def member(tree, i: int):
@@ -39,23 +48,11 @@ def member(tree, i: int):
   return jax.tree.map(lambda x: x[i], tree)
 
 
-def make_policy_evaluator(config: ml_collections.ConfigDict, task, mesh, module, ref_params,
-                          *, seed: int = 12) -> Evaluate:
-  """params -> gold reward and KL(π‖π_ref) of config.eval.k samples on each of
-  config.eval.prompts held-out prompts. The prompts and the sampling key are fixed, so every
-  point of every curve is measured with the same random numbers (common random numbers make
-  the comparison between runs less noisy than independent draws would)."""
-  prompts = task.world.sample_prompts(config.eval.prompts, seed=seed)
-  key = jax.random.key(config.seed + 4)
-
-  def evaluate(params):
-    out = eval_lib.evaluate_policy(module, params, prompts, world=task.world,
-                                   cfg=config.sampling, tok=task.tokenize_config, mesh=mesh,
-                                   rules=config.sharding, key=key, ref_params=ref_params,
-                                   k=config.eval.k)
-    return {k: out[k] for k in ("gold_reward", "gold_reward_stderr", "kl", "kl_stderr",
-                                "eos_fraction", "response_length")}
-  return evaluate
+def jit_sweep(step, state, in_axes):
+  """jit(vmap(step)) with the stacked state donated and pinned to its shardings (as
+  state.jit_step does for one member)."""
+  return jax.jit(jax.vmap(step, in_axes=in_axes, out_axes=(in_axes[0], 0)), donate_argnums=0,
+                 out_shardings=(state_lib.shardings(state), None))
 
 
 def _due(step: int, every: int, last: int) -> bool:
@@ -85,22 +82,21 @@ def dpo_beta_sweep(config: ml_collections.ConfigDict, *, task, mesh, module, sft
   tx, _ = optim.make_optimizer(cfg.optim, cfg.steps)
   # As run_preference: a copy of the SFT params (the first step donates them), same rng.
   one = state_lib.state_from_params(jax.tree.map(jnp.copy, sft_params), tx,
-                                    jax.random.key(config.seed + 3), mesh, config.sharding)
+                                    rng.key(config.seed, "preference"), mesh, config.sharding)
   # The reference is a copy too: the state (and so its "ref" entry) is donated to each step.
   state = {**stack_trees([one] * n), "ref": jax.tree.map(jnp.copy, sft_params),
-           "beta": jnp.asarray(betas, jnp.float32)}
+           "beta": jax.device_put(jnp.asarray(betas, jnp.float32),
+                                  NamedSharding(mesh, P(None)))}
   loss_fn = preference_lib.preference_loss_fn(module, cfg, tok.max_prompt_len,
                                               beta_in_state=True)
   step = step_lib.make_train_step(loss_fn, tx, accum_steps=cfg.optim.accum_steps,
                                   state_extra=("ref", "beta"))
   axes = {k: (None if k == "ref" else 0) for k in state}  # One reference for all members.
-  sweep_step = jax.jit(jax.vmap(step, in_axes=(axes, None), out_axes=(axes, 0)),
-                       donate_argnums=0)
+  sweep_step = jit_sweep(step, state, (axes, None))
   batcher = data.PaddedBatcher(
       parallel.distributed.local_batch_size(cfg.batch_size, "config.dpo.batch_size"),
-      lambda idx: preference_lib.collate_pairs([train_pairs[i] for i in idx], tok,
-                                               cfg.shared_prefix))
-  # Indices as the data source: the same permutation as run_preference's _IndexedPairs.
+      lambda idx: scoring.collate_pairs([train_pairs[i] for i in idx], tok, cfg.shared_prefix))
+  # Indices as the data source: the same permutation as the preference stage's.
   iterator = data.DataIterator(range(len(train_pairs)), batcher, seed=config.seed, position=0)
   curves = [[] for _ in range(n)]
 
@@ -130,28 +126,40 @@ def dpo_beta_sweep(config: ml_collections.ConfigDict, *, task, mesh, module, sft
 # ---------------------------------------------------------------------------------------------
 
 def ppo_sweep(trainer: ppo_lib.PPOTrainer, params, *, task, config: ml_collections.ConfigDict,
-              kl_targets=None, seeds=None, evaluate: Evaluate | None = None,
-              eval_every: int = 0) -> tuple[object, list[list[dict]]]:
+              kl_targets=None, kl_coefs=None, seeds=None, rm_params=None,
+              evaluate: Evaluate | None = None, eval_every: int = 0,
+              on_iteration: Callable[[int, dict], None] | None = None
+              ) -> tuple[object, list[list[dict]]]:
   """config.ppo.iterations fused PPO/GRPO/RLOO iterations of several members at once (one
-  compile): member i has target KL kl_targets[i] (a "kl_target" state entry read by the KL
-  controller) and/or state seed seeds[i]; all see the same prompt batches.
+  compile); all see the same prompt batches. Member i may have its own target KL
+  (kl_targets[i], read by the KL controller), initial KL coefficient (kl_coefs[i]), state seed
+  (seeds[i]) and reward model (rm_params: stacked over members, each an ensemble [k, ...]);
+  what is not given is shared.
 
   Returns (stacked final params, one curve per member); each point also has the rollout's
   mean reward-model score, observed KL and KL coefficient of that iteration.
+  on_iteration(it, outputs) sees every iteration's host outputs (samples, rm_score, kl).
   """
   if not trainer.cfg.fused and trainer.cfg.reward_source != "model":
     raise ValueError("ppo_sweep vmaps the fused iteration: it needs reward_source='model'")
-  n = len(kl_targets if kl_targets is not None else seeds)
-  seeds = seeds if seeds is not None else [config.seed + 6] * n
+  given = [x for x in (kl_targets, kl_coefs, seeds, rm_params) if x is not None]
+  if not given:
+    raise ValueError("ppo_sweep needs at least one of kl_targets, kl_coefs, seeds, rm_params")
+  n = len(given[0]) if not isinstance(given[0], dict) else jax.tree.leaves(given[0])[0].shape[0]
+  seeds = seeds if seeds is not None else [None] * n
   states = []
   for i in range(n):
-    s = trainer.init_state(jax.tree.map(jnp.copy, params), jax.random.key(seeds[i]))
-    if kl_targets is not None:
-      s["kl_target"] = jnp.asarray(kl_targets[i], jnp.float32)
+    key = rng.key(config.seed, "rl") if seeds[i] is None else jax.random.key(seeds[i])
+    s = trainer.init_state(jax.tree.map(jnp.copy, params), key)
+    if kl_coefs is not None:
+      s["kl_coef"] = jax.device_put(jnp.asarray(kl_coefs[i], jnp.float32), s["kl_coef"].sharding)
     states.append(s)
   state = stack_trees(states)
-  fused = jax.jit(jax.vmap(trainer.fused_iteration, in_axes=(0, None, None, None, None)),
-                  donate_argnums=0)
+  targets = None if kl_targets is None else jnp.asarray(kl_targets, jnp.float32)
+  rms = trainer.rm_params if rm_params is None else rm_params
+  fused = jit_sweep(trainer.fused_iteration, state,
+                    (0, None, None, None, None if rm_params is None else 0,
+                     None if targets is None else 0))
   prompts = ppo_lib.prompt_iterator(task, config, 0)
   curves = [[] for _ in range(n)]
   last = trainer.cfg.iterations
@@ -177,7 +185,10 @@ def ppo_sweep(trainer: ppo_lib.PPOTrainer, params, *, task, config: ml_collectio
       batch = next(prompts)
       ids, mask = parallel.distributed.shard_global((batch["ids"], batch["mask"]),
                                                     trainer.mesh)
-      state, out = fused(state, ids, mask, trainer.ref_params, trainer.rm_params)
+      state, out = fused(state, ids, mask, trainer.ref_params, rms, targets)
+      if on_iteration is not None:
+        on_iteration(it, {"prompts": batch, **parallel.distributed.gather(
+            {"samples": out["samples"], "rm_score": out["rm_score"], "kl": out["kl"]})})
       if _due(it, eval_every, last):
         record(it, out)
         logging.info("ppo sweep iteration %d: %s", it, [
@@ -195,7 +206,8 @@ def ppo_with_curve(trainer: ppo_lib.PPOTrainer, params, *, task,
   timing): timing["train_s"] is the wall time of the iterations alone (evaluation excluded,
   the first iteration's compile included) and timing["iteration_s"] the median iteration."""
   state = trainer.init_state(jax.tree.map(jnp.copy, params),
-                             jax.random.key(config.seed + 6 if seed is None else seed))
+                             rng.key(config.seed, "rl") if seed is None else
+                             jax.random.key(seed))
   prompts = ppo_lib.prompt_iterator(task, config, 0)
   curve, times, last = [], [], trainer.cfg.iterations
   with parallel.mesh_context(trainer.mesh, trainer.rules):
@@ -239,33 +251,30 @@ def compiled_memory(trainer: ppo_lib.PPOTrainer, state, prompts) -> dict[str, in
 # ---------------------------------------------------------------------------------------------
 
 def best_of_n_pool(config: ml_collections.ConfigDict, task, mesh, module, params, rm, *,
-                   n_prompts: int, pool: int, seed: int = 12) -> tuple[np.ndarray, np.ndarray]:
+                   n_prompts: int, pool: int, seed: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
   """`pool` samples of the policy for each of n_prompts held-out prompts, scored by the reward
   model (ensemble mean) and by the gold reward: (proxy [n_prompts, pool], gold [same])."""
   world, tok, cfg = task.world, task.tokenize_config, config.sampling
   rm_module, rm_params = rm
-  sampling_cfg = sampling.SamplingConfig(max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_id,
-                                         pad_id=tok.pad_id, temperature=cfg.temperature)
+  sampling_cfg = sampling.sampling_config(cfg, tok.eos_id, tok.pad_id)
+  seed = rng.prompt_seed("heldout") if seed is None else seed
   prompt_ids = [world.encode(p) for p in world.sample_prompts(n_prompts, seed=seed)]
   rows = [p for p in prompt_ids for _ in range(pool)]
-  batch = max(cfg.batch_size // mesh.size, 1) * mesh.size
   score = jax.jit(lambda p, i, m, s: jnp.mean(
-      ensemble_rewards(rm_module, p, *sampling.sequences(i, m, s)), axis=0))
-  key = jax.random.key(config.seed + 7)
-  proxy, gold = [], []
+      scoring.ensemble_rewards(rm_module, p, *sampling.sequences(i, m, s)), axis=0))
+  key = rng.key(config.seed, "best_of_n")
+  proxy, gold, done = [], [], 0
   with parallel.mesh_context(mesh, config.sharding):
-    for b, start in enumerate(range(0, len(rows), batch)):
-      chunk = rows[start:start + batch]
-      ids, mask = eval_lib.left_pad(chunk + [chunk[-1]] * (batch - len(chunk)),
-                                    tok.max_prompt_len, tok.pad_id)
-      # Every process holds every prompt, feeds its devices' rows, and reads every row back.
-      ids_d, mask_d = parallel.distributed.shard_global((ids, mask), mesh)
-      samples = sampling.generate(module, params, ids_d, mask_d, jax.random.fold_in(key, b),
+    # Every process holds every prompt, feeds its devices' rows, and reads every row back.
+    for b, (ids, mask), n in parallel.padded_batches(
+        eval_lib.left_pad(rows, tok.max_prompt_len, tok.pad_id), mesh, cfg.batch_size):
+      samples = sampling.generate(module, params, ids, mask, jax.random.fold_in(key, b),
                                   sampling_cfg)
-      proxy.append(parallel.distributed.gather(score(rm_params, ids_d, mask_d,
-                                                     samples))[:len(chunk)])
-      tokens = list(parallel.distributed.gather(samples.tokens)[:len(chunk)])
-      gold.append(world.score_ids(chunk, tokens).reward)
+      proxy.append(parallel.distributed.gather(score(rm_params, ids, mask, samples))[:n])
+      tokens = list(parallel.distributed.gather(samples.tokens)[:n])
+      gold.append(world.score_ids(rows[done:done + n], tokens).reward)
+      done += n
   shape = (n_prompts, pool)
   return (np.concatenate(proxy).reshape(shape).astype(np.float64),
           np.concatenate(gold).reshape(shape).astype(np.float64))

@@ -1,86 +1,281 @@
-"""The task a stage trains on: the embedded review world, or files (JSONL + tokenizer.json)."""
+"""The task a run trains on: the embedded review world, or the user's files and tokenizer.
+
+`build_task(config)` gives the tokenizer, the special ids, the lengths and how chat messages are
+rendered; `sft_examples`, `preference_examples` and `prompts` give a split of the data as token
+ids. For files, the tokenizer and its special tokens come from the user's model directory
+(`config.task.tokenizer`, else `config.model_dir`): eos/pad/bos from its tokenizer_config.json
+(the config keys only override), chat-format data rendered with its chat template. Data files
+are named in `config.data` (JSONL, JSON array or parquet; see rlhf_jax.data.readers); a split
+without its own eval file holds out a seeded `config.data.eval_fraction` of the train file.
+"""
 import dataclasses
+import os
 from typing import Any
 
 import ml_collections
 import numpy as np
 from absl import logging
 
-from rlhf_jax import data
+from rlhf_jax import data, rng
+
+CHAT_MODES = ("auto", "template", "hh")
 
 
 @dataclasses.dataclass
 class Task:
   tokenizer: Any
   tokenize_config: data.TokenizeConfig
-  # The model's vocabulary = the tokenizer's, exactly: padding it up (for matmul shapes) would
-  # give the policy ids no tokenizer can decode and no gold reward can score.
+  # Ids the tokenizer can produce lie below this (added tokens included). A fresh model's
+  # vocabulary is exactly this; a loaded model's must be at least this.
   vocab_size: int
   world: data.ReviewWorld | None = None  # Set for the embedded task (it has a gold reward).
+  chat: Any = data.ChatFormat()  # Renders message lists: the tokenizer's chat template or hh.
+  tokenizer_files: Any = None  # data.TokenizerFiles of a user's tokenizer (copied to exports).
+  _cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  def encode(self, text: str) -> np.ndarray:
+    """Token ids of a prompt text, BOS first when the task adds one."""
+    if self.world is not None:
+      return self.world.encode(text)
+    ids = data.encode_texts(self.tokenizer, [text])[0]
+    bos = self.tokenize_config.bos_id
+    return ids if bos is None else np.concatenate([[bos], ids]).astype(np.int32)
+
+  def decode(self, ids) -> str:
+    if self.world is not None:
+      return self.world.decode(ids)
+    return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+  @property
+  def special_ids(self) -> dict[str, int | None]:
+    tok = self.tokenize_config
+    return {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
 
 
-def build_task(cfg: ml_collections.ConfigDict) -> Task:
-  """config.task.kind = "review_world" (seeded, generated here) or "files" (a tokenizer path
-  and JSONL paths read by rlhf_jax.data)."""
+def review_world_config() -> ml_collections.ConfigDict:
+  """config.task for the embedded review world: its seed and how much data to draw."""
+  return ml_collections.ConfigDict(dict(
+      kind="review_world", world_seed=0, n_sft=20_000, n_eval=500,
+      # Gold-labelled pairs of the process's own samples (standalone reward / DPO stages).
+      n_pairs=10_000, n_eval_pairs=1_000, k=4, label_temperature=0.0))
+
+
+def files_config() -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+  """(config.task, config.data) for a user's tokenizer and data files.
+
+  task.tokenizer: a model directory or tokenizer.json ("" = config.model_dir); eos/pad/bos
+  tokens: "" = the tokenizer's own (tokenizer_config.json); chat: "auto" renders message lists
+  with the tokenizer's chat template when it has one, else with hh-rlhf markers ("template"
+  requires one, "hh" never uses it). data.*: files (""= none); *_eval: "" = hold out
+  eval_fraction of the train file; on_error: "raise" or "skip" (bad rows counted by reason).
+  """
+  task = ml_collections.ConfigDict(dict(
+      kind="files", tokenizer="", eos_token="", pad_token="", bos_token="", chat="auto",
+      max_prompt_len=256, max_response_len=256, over_length="truncate"))
+  files = ml_collections.ConfigDict(dict(
+      sft="", sft_eval="", pairs="", pairs_eval="", prompts="", prompts_eval="",
+      eval_fraction=0.05, split_seed=0, on_error="raise"))
+  return task, files
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the task
+# ---------------------------------------------------------------------------------------------
+
+
+def _special_id(tokenizer, token: str, key: str, source: str) -> int:
+  try:
+    return data.token_id(tokenizer, token)
+  except ValueError as e:
+    raise ValueError(f"{key}={token!r} ({source}): {e}") from None
+
+
+def build_task(config: ml_collections.ConfigDict) -> Task:
+  """config.task.kind = "review_world" (seeded, generated here) or "files"."""
+  cfg = config.task
   if cfg.kind == "review_world":
     world = data.ReviewWorld(data.WorldConfig(seed=cfg.world_seed))
     vocab = world.vocab_size
-    return Task(world.tokenizer, world.tokenize_config(vocab_size=vocab), vocab, world)
-  if cfg.kind == "files":
-    tokenizer = data.load_tokenizer(cfg.tokenizer)
-    vocab = tokenizer.get_vocab_size()
-    tok_cfg = data.TokenizeConfig(eos_id=data.token_id(tokenizer, cfg.eos_token),
-                                  pad_id=data.token_id(tokenizer, cfg.pad_token),
-                                  max_prompt_len=cfg.max_prompt_len,
-                                  max_response_len=cfg.max_response_len, vocab_size=vocab,
-                                  over_length=cfg.over_length)
-    return Task(tokenizer, tok_cfg, vocab)
-  raise ValueError(f"config.task.kind={cfg.kind!r}; expected 'review_world' or 'files'")
+    files = data.tokenizer_files_from(world.tokenizer, eos_token=data.review_world.EOS,
+                                      pad_token=data.review_world.PAD,
+                                      unk_token=data.review_world.UNK)
+    return Task(world.tokenizer, world.tokenize_config(vocab_size=vocab), vocab, world,
+                tokenizer_files=files)
+  if cfg.kind != "files":
+    raise ValueError(f"config.task.kind={cfg.kind!r}; expected 'review_world' or 'files'")
+  if cfg.chat not in CHAT_MODES:
+    raise ValueError(f"config.task.chat={cfg.chat!r}; expected one of {CHAT_MODES}")
+  path = cfg.tokenizer or config.get("model_dir") or ""
+  if not path:
+    raise ValueError("config.task.tokenizer is empty and there is no config.model_dir: name a "
+                     "model directory (or tokenizer.json) whose tokenizer the data is read with")
+  key_of = "config.task.tokenizer" if cfg.tokenizer else "config.model_dir"
+  try:
+    files = data.load_tokenizer_files(path)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{key_of}={path!r}: {e}") from None
+  tokenizer = files.tokenizer
+  if cfg.chat == "template" and not files.chat_template:
+    raise ValueError(f"config.task.chat='template' but {key_of}={path!r} has no chat template")
+  chat = files.chat_format() if cfg.chat != "hh" else data.ChatFormat()
+  ids = {}
+  for name in ("eos", "pad"):
+    override = cfg[f"{name}_token"]
+    token = override or getattr(files, f"{name}_token")
+    if not token:
+      hint = (" The tokenizer defines no pad token: set --config.task.pad_token to a token of "
+              "its vocabulary that is not the EOS (padding must never look like the end of a "
+              "response), e.g. an unused reserved token." if name == "pad" else "")
+      raise ValueError(f"config.task.{name}_token is empty and {key_of}={path!r} defines no "
+                       f"{name} token.{hint}")
+    source = f"config.task.{name}_token" if override else f"{key_of}={path!r}"
+    ids[name] = _special_id(tokenizer, token, f"config.task.{name}_token", source)
+  # BOS: the one the tokenizer adds itself on plain text; none under a chat template, which
+  # writes its own (as transformers' apply_chat_template encodes); the config key overrides.
+  ids["bos"] = (_special_id(tokenizer, cfg.bos_token, "config.task.bos_token",
+                            "config.task.bos_token") if cfg.bos_token
+                else files.prompt_bos_id(chat))
+  if ids["pad"] == ids["eos"]:
+    raise ValueError(f"config.task.pad_token: the pad token is the EOS (id {ids['eos']}) of "
+                     f"{key_of}={path!r}; set --config.task.pad_token to another token of the "
+                     "vocabulary (rewards and 'did the response end' are read at EOS)")
+  on_error = config.data.on_error if "data" in config else "raise"
+  tok = data.TokenizeConfig(eos_id=ids["eos"], pad_id=ids["pad"], bos_id=ids["bos"],
+                            max_prompt_len=cfg.max_prompt_len,
+                            max_response_len=cfg.max_response_len,
+                            vocab_size=files.min_vocab_size, over_length=cfg.over_length,
+                            on_error=on_error)
+  return Task(tokenizer, tok, files.min_vocab_size, chat=chat, tokenizer_files=files)
 
 
-def sft_examples(task: Task, cfg: ml_collections.ConfigDict, split: str
-                 ) -> list[data.TokenizedSFT]:
-  """Tokenised SFT examples of `split` ("train" or "eval"), truncation counted and logged."""
-  if task.world is not None:
-    n = cfg.n_sft if split == "train" else cfg.n_eval
-    raw = task.world.sample_sft(n, seed={"train": 0, "eval": 1}[split])
-  else:
-    raw = data.read_sft(cfg.sft_train if split == "train" else cfg.sft_eval)
-  result = data.tokenize_sft(raw, task.tokenizer, task.tokenize_config)
-  logging.info("SFT %s: %d examples; %s", split, len(result.examples), result.summary())
-  return result.examples
-
-
-def preference_examples(task: Task, cfg: ml_collections.ConfigDict, split: str
-                        ) -> list[data.TokenizedPair]:
-  """Tokenised preference pairs of `split`: gold-labelled samples of the review world's own
-  process, or a JSONL file in any layout `data.read_preferences` reads."""
-  if task.world is not None:
-    n = cfg.n_pairs if split == "train" else cfg.n_eval_pairs
-    raw = task.world.sample_preferences(n, k=cfg.k, temperature=cfg.label_temperature,
-                                        seed={"train": 0, "eval": 1}[split])
-  elif split == "eval" and cfg.pairs_eval:
-    raw = data.read_preferences(cfg.pairs_eval)
-  else:
-    raw = held_out_split(data.read_preferences(cfg.pairs_train), cfg.eval_fraction, split,
-                         seed=cfg.split_seed) if not cfg.pairs_eval else data.read_preferences(
-                             cfg.pairs_train)
-  return tokenize_pairs(task, raw, f"pairs {split}")
+# ---------------------------------------------------------------------------------------------
+# Splits of the data
+# ---------------------------------------------------------------------------------------------
 
 
 def held_out_split(examples: list, fraction: float, split: str, seed: int = 0) -> list:
   """A deterministic train/eval split of one file: `fraction` of it (a seeded permutation)
   is held out for evaluation and never trained on."""
   if not 0.0 < fraction < 1.0:
-    raise ValueError(f"config.task.eval_fraction={fraction}: expected a value in (0, 1) when "
-                     "config.task.pairs_eval is empty")
-  order = np.random.default_rng([seed, 8]).permutation(len(examples))
+    raise ValueError(f"config.data.eval_fraction={fraction}: expected a value in (0, 1) when "
+                     "the split has no eval file of its own")
+  order = rng.host_rng(seed, "held_out_split").permutation(len(examples))
   n_eval = max(1, int(round(fraction * len(examples))))
   keep = order[:n_eval] if split == "eval" else order[n_eval:]
   return [examples[i] for i in sorted(keep)]
 
 
+def _split(config, kind: str, split: str, read) -> list:
+  """Raw examples of `split` from config.data.<kind> / <kind>_eval (or a held-out part)."""
+  files = config.data
+  train_path, eval_path = files[kind], files[f"{kind}_eval"]
+  if not train_path and not (split == "eval" and eval_path):
+    raise ValueError(f"config.data.{kind} is empty: this stage needs a {kind} file")
+  if split == "eval" and eval_path:
+    return read(eval_path)
+  everything = _read_once(config, kind, train_path, read)
+  if eval_path:
+    return everything
+  return held_out_split(everything, files.eval_fraction, split, seed=files.split_seed)
+
+
+_READ_CACHE: dict = {}
+
+
+def _read_once(config, kind: str, path: str, read) -> list:
+  """The train file is read once for both of its splits (the held-out part comes from it); a
+  file changed on disk since is read again."""
+  stat = os.stat(path) if os.path.isfile(path) else None
+  key = (kind, path, stat and (stat.st_mtime_ns, stat.st_size), config.data.on_error,
+         config.task.get("chat"), config.task.get("tokenizer"), config.get("model_dir"))
+  if key not in _READ_CACHE:
+    _READ_CACHE.clear()  # One file at a time: a run reads each of its files in turn.
+    _READ_CACHE[key] = read(path)
+  return _READ_CACHE[key]
+
+
+def _report(what: str, result) -> None:
+  """Logged always; printed too when anything was dropped or truncated (never silently)."""
+  summary = f"{what}: {len(result.examples)} examples; {result.summary()}"
+  logging.info("%s", summary)
+  if result.report.num_skipped or result.truncated_prompts or result.truncated_responses:
+    print(summary, flush=True)
+
+
+def sft_examples(task: Task, config: ml_collections.ConfigDict, split: str
+                 ) -> list[data.TokenizedSFT]:
+  """Tokenised SFT examples of `split` ("train" or "eval")."""
+  if ("sft", split) in task._cache:
+    return task._cache["sft", split]
+  if task.world is not None:
+    n = config.task.n_sft if split == "train" else config.task.n_eval
+    raw = task.world.sample_sft(n, seed={"train": 0, "eval": 1}[split])
+  else:
+    raw = _split(config, "sft", split, lambda p: data.read_sft(
+        p, on_error=config.data.on_error, chat_format=task.chat))
+  result = data.tokenize_sft(raw, task.tokenizer, task.tokenize_config)
+  _report(f"SFT {split}", result)
+  task._cache["sft", split] = result.examples
+  return result.examples
+
+
+def preference_examples(task: Task, config: ml_collections.ConfigDict, split: str
+                        ) -> list[data.TokenizedPair]:
+  """Tokenised preference pairs of `split`: gold-labelled samples of the review world's own
+  process, or config.data.pairs in any layout `data.read_preferences` reads."""
+  if ("pairs", split) in task._cache:
+    return task._cache["pairs", split]
+  if task.world is not None:
+    cfg = config.task
+    n = cfg.n_pairs if split == "train" else cfg.n_eval_pairs
+    raw = task.world.sample_preferences(n, k=cfg.k, temperature=cfg.label_temperature,
+                                        seed={"train": 0, "eval": 1}[split])
+  else:
+    raw = _split(config, "pairs", split, lambda p: data.read_preferences(
+        p, on_error=config.data.on_error, chat_format=task.chat))
+  out = tokenize_pairs(task, raw, f"pairs {split}")
+  task._cache["pairs", split] = out
+  return out
+
+
 def tokenize_pairs(task: Task, raw, desc: str) -> list[data.TokenizedPair]:
   result = data.tokenize_preferences(raw, task.tokenizer, task.tokenize_config)
-  logging.info("%s: %d pairs; %s", desc, len(result.examples), result.summary())
+  _report(desc, result)
   return result.examples
+
+
+def prompts(task: Task, config: ml_collections.ConfigDict, split: str, n: int = 0
+            ) -> list[np.ndarray]:
+  """Token ids of the RL prompts of `split` ("train" or "eval"; review world: n fresh prompts
+  of that prompt set). Files: config.data.prompts (/ prompts_eval), else the prompts of
+  config.data.pairs, else of config.data.sft (each prompt once, in file order)."""
+  if task.world is not None:
+    name = "rl" if split == "train" else "heldout"
+    texts = task.world.sample_prompts(n, seed=rng.prompt_seed(name))
+    return [task.world.encode(t) for t in texts]
+  files = config.data
+  if files.prompts or (split == "eval" and files.prompts_eval):
+    texts = _split(config, "prompts", split, lambda p: data.read_prompts(
+        p, on_error=files.on_error, chat_format=task.chat))
+  elif files.pairs:
+    texts = [p.prompt for p in _split(config, "pairs", split, lambda p: data.read_preferences(
+        p, on_error=files.on_error, chat_format=task.chat))]
+  elif files.sft:
+    texts = [e.prompt for e in _split(config, "sft", split, lambda p: data.read_sft(
+        p, on_error=files.on_error, chat_format=task.chat))]
+  else:
+    raise ValueError("config.data.prompts is empty (and there are no config.data.pairs or "
+                     "config.data.sft files to take prompts from): RL needs prompts")
+  texts = list(dict.fromkeys(texts))
+  ids = data.encode_texts(task.tokenizer, texts, desc=f"prompts {split}")
+  bos = task.tokenize_config.bos_id
+  if bos is not None:
+    ids = [np.concatenate([[bos], x]).astype(np.int32) for x in ids]
+  width = task.tokenize_config.max_prompt_len
+  cut = sum(len(x) > width for x in ids)
+  message = f"prompts {split}: {len(ids)} prompts; {cut} longer than {width} tokens keep " \
+            "their last tokens (config.task.max_prompt_len)"
+  logging.info("%s", message)
+  if cut:
+    print(message, flush=True)
+  return [x[-width:] for x in ids]

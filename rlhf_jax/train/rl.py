@@ -1,0 +1,159 @@
+"""Online RL stage: PPO, GRPO or RLOO (config.ppo.algorithm) from a policy against a reward.
+
+The policy (also the frozen reference) comes from `init`: an earlier stage's result (the SFT
+policy), an HF directory, or config.ppo.init_hf_dir / config.model_dir. The reward is a reward
+model (`reward`: the reward stage's result, or an HF `*ForSequenceClassification` directory,
+config.ppo.reward_hf_dir, whose backbone may differ from the policy's in size; a directory of
+member_<i> sub-directories is an ensemble) or, on the review world, the gold reward
+(config.ppo.reward_source = "gold"). The iterations themselves are train/ppo.py.
+"""
+import ml_collections
+from absl import logging
+
+from rlhf_jax import eval as eval_lib
+from rlhf_jax import parallel, rng
+from rlhf_jax.train import loop as loop_lib
+from rlhf_jax.train import optim, ppo, stage as stage_lib, task as task_lib
+
+VALUE_INITS = ("reward", "policy")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """config.ppo: the seed's PPO hyperparameters (lr 1.41e-5, batch 256, minibatch 64, 4
+  epochs, clip 0.2, value clip 0.2, vf_coef 0.1, initial KL coefficient 0.2, adaptive KL with
+  target 6, up to 256 new tokens, temperature 1.0). group_size: samples per prompt (GRPO/RLOO
+  groups); value: "separate" network or "head" on the policy; value_init: the separate
+  network's backbone, from the "reward" model or the "policy"; reward_hf_dir: an HF reward
+  model to optimise against instead of the pipeline's; init_hf_dir: the policy to start from
+  ("" = the pipeline's SFT policy, else config.model_dir)."""
+  c = ml_collections.ConfigDict(dict(
+      algorithm="ppo", iterations=100, train_prompts=10_000, prompts_per_iter=256, group_size=1,
+      minibatch_size=64, epochs=4, max_new_tokens=256, temperature=1.0, clip_eps=0.2,
+      clip_eps_high=ml_collections.config_dict.placeholder(float), vf_clip=0.2, vf_coef=0.1,
+      ent_coef=0.0, gamma=1.0, lam=0.95, kl_coef=0.2, kl_estimator="k1", kl_in_reward=True,
+      kl_controller="adaptive", kl_target=6.0, kl_horizon=10_000, whiten_rewards=False,
+      loss_aggregation="token_mean", grpo_std_normalize=True, mask_truncated=False,
+      reward_source="model", ensemble_std_coef=0.0, reward_clip=0.0, missing_eos_penalty=1.0,
+      length_penalty=0.0, value="separate", value_init="reward", eval_every=10, fused=False,
+      init_hf_dir="", reward_hf_dir="", optim=optim.default_optim_config()))
+  c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 1.41e-5, 0, "constant"
+  c.optim.weight_decay, c.optim.b2 = 0.0, 0.999
+  return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Every algorithm/reward/critic combination that can run, and sizes, before any training."""
+  from rlhf_jax import objectives
+  cfg = config.ppo
+  stage_lib.check_choice(config, "ppo.algorithm", ppo.ALGORITHMS)
+  stage_lib.check_choice(config, "ppo.reward_source", ppo.REWARD_SOURCES)
+  stage_lib.check_choice(config, "ppo.value", ppo.CRITICS)
+  stage_lib.check_choice(config, "ppo.value_init", VALUE_INITS)
+  stage_lib.check_choice(config, "ppo.kl_estimator", objectives.KL_ESTIMATORS)
+  stage_lib.check_choice(config, "ppo.kl_controller", objectives.KL_CONTROLLERS)
+  stage_lib.check_choice(config, "ppo.loss_aggregation", objectives.LOSS_AGGREGATIONS)
+  stage_lib.check_positive(config, "ppo.iterations", "ppo.train_prompts",
+                           "ppo.prompts_per_iter", "ppo.group_size", "ppo.minibatch_size",
+                           "ppo.epochs", "ppo.max_new_tokens", "ppo.kl_horizon")
+  stage_lib.check_at_least(config, 0, "ppo.eval_every", "ppo.kl_coef", "ppo.ent_coef",
+                           "ppo.vf_coef", "ppo.reward_clip", "ppo.ensemble_std_coef")
+  for key in ("temperature", "clip_eps", "kl_target"):
+    if not cfg[key] > 0:
+      raise ValueError(f"config.ppo.{key}={cfg[key]}: must be > 0")
+  stage_lib.check_optim(config, "ppo")
+  if cfg.fused and cfg.reward_source != "model":
+    raise ValueError("config.ppo.fused=True compiles the whole iteration: it needs "
+                     "reward_source='model' (the gold reward is computed on the host)")
+  if cfg.reward_source == "gold" and config.task.kind != "review_world":
+    raise ValueError("config.ppo.reward_source='gold' needs a task with a gold reward "
+                     "(config.task.kind='review_world'); use a reward model")
+  if cfg.algorithm != "ppo" and cfg.group_size < 2:
+    raise ValueError(f"config.ppo.group_size={cfg.group_size}: {cfg.algorithm} needs >= 2")
+  if cfg.algorithm == "grpo" and cfg.kl_in_reward:
+    raise ValueError("config.ppo.algorithm='grpo' puts the KL in the loss: set "
+                     "config.ppo.kl_in_reward=False (GRPO has no token rewards to put it in)")
+  rows = cfg.prompts_per_iter * cfg.group_size
+  if cfg.minibatch_size > rows or rows % cfg.minibatch_size:
+    raise ValueError(f"config.ppo.minibatch_size={cfg.minibatch_size} must divide the "
+                     f"{rows} rollouts per iteration (prompts_per_iter x group_size)")
+  stage_lib.check_batch(config, "ppo.minibatch_size", accum_key="ppo.optim.accum_steps")
+  stage_lib.check_batch(config, "ppo.prompts_per_iter", value=rows)
+
+
+def name(config) -> str:
+  """The stage's sub-directory: the algorithm's name."""
+  return config.ppo.algorithm
+
+
+def _reward_model(config, reward, task, mesh):
+  """(module, stacked params) of the reward model to optimise against, or None (gold)."""
+  cfg = config.ppo
+  if isinstance(reward, stage_lib.StageResult):
+    return reward.module, reward.params
+  path = reward if isinstance(reward, str) else cfg.reward_hf_dir
+  if path:
+    return stage_lib.load_reward(config, path, task, mesh, "config.ppo.reward_hf_dir")
+  if cfg.reward_source == "model":
+    raise ValueError("config.ppo.reward_source='model' needs a reward model: run the reward "
+                     "stage before this one, or name an HF reward model in "
+                     "config.ppo.reward_hf_dir")
+  return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+
+def _heldout_perplexity(config, task, trainer, mesh):
+  """params -> the policy's NLL and perplexity on held-out SFT data (the seed's "perplexity
+  degradation" as RL moves the policy), or None when the task has no SFT data."""
+  files = config.get("data")
+  if task.world is None and not (files and (files.sft or files.sft_eval)):
+    return None
+  nll = eval_lib.make_nll_evaluator(trainer.policy, task_lib.sft_examples(task, config, "eval"),
+                                    task.tokenize_config, mesh, 64)
+
+  def evaluate(params):
+    heldout = nll(trainer.merged_policy(params))
+    return {"sft_heldout_loss": heldout["eval_loss"],
+            "sft_heldout_perplexity": heldout["eval_perplexity"]}
+  return evaluate
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, init: stage_lib.Init = None, *,
+        reward: stage_lib.Init = None) -> stage_lib.StageResult:
+  """config.ppo.iterations iterations of config.ppo.algorithm from the policy of `init`.
+
+  Returns the final policy (a plain causal LM; under LoRA the adapters folded in, with a value
+  head the head dropped) with the held-out SFT perplexity (when the task has SFT data).
+  """
+  validate(config)
+  cfg = config.ppo
+  task = next((r.task for r in (init, reward) if isinstance(r, stage_lib.StageResult)), None)
+  task = task or task_lib.build_task(config)
+  mesh = parallel.make_mesh(config.mesh.to_dict())
+  module, params, dtype = stage_lib.load_model(
+      config, stage_lib.init_source(config, "ppo", init), task=task, mesh=mesh, role="policy",
+      fresh_key=rng.key(config.seed, "sft"), where="config.ppo.init_hf_dir")
+  rm = _reward_model(config, reward, task, mesh)
+  trainer, trainable = ppo.make_trainer(config, task, mesh, policy=(module, params), rm=rm)
+  state = trainer.init_state(trainable, rng.key(config.seed, "rl"))
+  evaluate = _heldout_perplexity(config, task, trainer, mesh)
+
+  with parallel.mesh_context(mesh, config.sharding):
+    state = loop_lib.train_loop(
+        workdir=workdir, state=state, step_fn=trainer.iteration,
+        make_iterator=lambda pos: ppo.prompt_iterator(task, config, pos), to_device=lambda b: b,
+        loop=stage_lib.loop_config(cfg, config.run, steps=cfg.iterations, log_every=1),
+        extra=stage_lib.checkpoint_extra(config, trainer.policy_module), eval_fn=evaluate, desc=cfg.algorithm,
+        schedule=lambda step: trainer.schedule(step * trainer.updates_per_iter))
+    final = trainer.merged_policy(state["params"])
+    metrics = evaluate(state["params"]) if evaluate is not None else {}
+  metrics["kl_coef"] = float(parallel.distributed.gather(state["kl_coef"]))
+  policy = {k: v for k, v in final.items() if k != "value_head"}
+  logging.info("%s: %s", cfg.algorithm, metrics)
+  hf_dir = stage_lib.export(config, workdir, trainer.policy, policy, task, dtype)
+  extras = {"trainer": trainer, "state": state}
+  return stage_lib.StageResult(name(config), trainer.policy, policy, task, mesh, metrics,
+                               workdir, hf_dir, dtype, extras)
