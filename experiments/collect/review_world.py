@@ -1,7 +1,7 @@
 """Preference collection round on the review world: k samples per prompt from our SFT policy.
 
   # 1. A policy: the quickstart's SFT stage (or any SFT workdir of ours).
-  python -m rlhf_jax.main --config=experiments/quickstart.py --workdir=/tmp/qs
+  python -m rlhf_jax.main --config=experiments/quickstart/config.py --workdir=/tmp/qs
   # 2. Sample the round: 200 prompts x k=4 -> up to 6 pairs each (~1,200 comparisons,
   #    ~120 of them drawn for re-annotation), into /tmp/round1/collect.db.
   python -m rlhf_jax.collect generate --config=experiments/collect/review_world.py \

@@ -13,13 +13,15 @@ group-normalised advantages, k3 KL in the loss, fixed coefficient, 1 epoch), eve
 fused into one compiled program. Measured: held-out gold reward and Monte-Carlo KL(π‖π_SFT)
 every few iterations, wall time of the iterations, and XLA's memory analysis of each
 algorithm's compiled iteration. Writes critic_free.png, results.md and results.json to the
-workdir; committed copies are in experiments/results/critic_free/.
+workdir (driver: experiments/critic_free/run.py); committed copies are in
+experiments/results/critic_free/.
 Cost: 5 min 0 s wall (288 s user CPU) for the full run (2 seeds) on the 2-core CPU, beside
 the test suite.
 """
 import ml_collections
 
 from rlhf_jax import configs
+from rlhf_jax.train import pipeline
 
 # Per-algorithm overrides of config.ppo (the settings of experiments/ppo/review_world.py).
 OVERRIDES = {
@@ -32,9 +34,9 @@ OVERRIDES = {
 
 def get_config(arg=None):
   arg = configs.parse_arg(arg, runlocal=False, size="tiny", seeds=2)
-  c = configs.review_world_base(size=arg.size, runlocal=arg.runlocal)
-  c.stage = "critic_free"
-  configs.add_review_world_stages(c, runlocal=arg.runlocal)
+  c = pipeline.review_world_config(size=arg.size, runlocal=arg.runlocal)
+  c.stages = ("sft", "pairs", "reward")  # The shared front; the runs are the driver's.
+  c.driver = "experiments.critic_free.run:run"
   c.ppo.update(dict(iterations=40, eval_every=10))
   c.ppo.optim.lr = 1e-4  # As the frontier experiment: 3e-5 barely moves the policy here.
   overrides = {}

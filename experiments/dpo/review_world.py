@@ -12,6 +12,7 @@ reference-free; the others use a frozen copy of the SFT policy (`reference=preco
 scores it once instead). Cost: about 2 minutes on a 2-core CPU; runlocal under 1 minute.
 """
 from rlhf_jax import configs
+from rlhf_jax.train import pipeline
 
 # Per-loss defaults from each paper's recommended range, scaled to this small world.
 BETA = {"sigmoid": 0.1, "robust": 0.1, "hinge": 0.1, "ipo": 0.1, "sppo_hard": 0.1,
@@ -22,9 +23,8 @@ BETA = {"sigmoid": 0.1, "robust": 0.1, "hinge": 0.1, "ipo": 0.1, "sppo_hard": 0.
 def get_config(arg=None):
   arg = configs.parse_arg(arg, loss="sigmoid", reference="", runlocal=False, size="tiny",
                           shared_prefix=False)
-  c = configs.review_world_base(size=arg.size, runlocal=arg.runlocal)
-  c.stage = "dpo"
-  configs.add_review_world_stages(c, runlocal=arg.runlocal)
+  c = pipeline.review_world_config(size=arg.size, runlocal=arg.runlocal)
+  c.stages = ("sft", "dpo")
   c.dpo.loss = arg.loss
   c.dpo.beta = BETA.get(arg.loss, 0.1)
   c.dpo.reference = arg.reference or ("none" if arg.loss in ("simpo", "orpo") else "model")

@@ -14,7 +14,7 @@ KL(π‖π_SFT), every few steps, so each run traces a curve):
   * PPO against the gold reward itself (target KL 6; host-side reward, so not fused);
   * best-of-n against the reward model, n = 1..64, from one pool of 64 samples per prompt with
     the unbiased estimator (KL = log n − (n−1)/n).
-Writes frontier.png, results.md and results.json to the workdir; the committed copies are in
+The driver is experiments/frontier/run.py. Writes frontier.png, results.md and results.json to the workdir; the committed copies are in
 experiments/results/frontier/.
 Cost: 13 min 47 s wall (545 s user CPU) for the full run on the 2-core CPU, partly beside
 other jobs (sft 39 s, pairs 9 s, reward 81 s, DPO sweep 364 s, PPO sweep 236 s, PPO on gold
@@ -23,13 +23,14 @@ other jobs (sft 39 s, pairs 9 s, reward 81 s, DPO sweep 364 s, PPO sweep 236 s, 
 import ml_collections
 
 from rlhf_jax import configs
+from rlhf_jax.train import pipeline
 
 
 def get_config(arg=None):
   arg = configs.parse_arg(arg, runlocal=False, size="tiny")
-  c = configs.review_world_base(size=arg.size, runlocal=arg.runlocal)
-  c.stage = "frontier"
-  configs.add_review_world_stages(c, runlocal=arg.runlocal)
+  c = pipeline.review_world_config(size=arg.size, runlocal=arg.runlocal)
+  c.stages = ("sft", "pairs", "reward")  # The shared front; the sweeps are the driver's.
+  c.driver = "experiments.frontier.run:run"
   c.dpo.steps, c.dpo.eval_every = 300, 50
   # A short adaptive-controller horizon (256 rollouts, 4 iterations): with the default 1000 the
   # coefficient moves under 1.3% per iteration and the four targets would barely differ.

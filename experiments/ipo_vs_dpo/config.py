@@ -1,9 +1,8 @@
 """IPO vs DPO on deterministic preferences (Azar et al. 2024, "A General Theoretical Paradigm to
 Understand Learning from Human Preferences", arXiv:2310.12036, sections 4.2 and 5.1).
 
-  python -m experiments.ipo_vs_dpo.run --config=experiments/ipo_vs_dpo/config.py --workdir=DIR
-  python -m experiments.ipo_vs_dpo.run --config=experiments/ipo_vs_dpo/config.py:runlocal \
-      --workdir=DIR
+  python -m rlhf_jax.main --config=experiments/ipo_vs_dpo/config.py --workdir=DIR
+  python -m rlhf_jax.main --config=experiments/ipo_vs_dpo/config.py:runlocal --workdir=DIR
 
 A bandit: a tabular softmax policy over a handful of one-token responses, starting at a
 non-uniform reference policy. Every response of the `winners` set is compared with every other
@@ -31,7 +30,7 @@ from rlhf_jax import configs
 def get_config(arg=None):
   arg = configs.parse_arg(arg, runlocal=False)
   c = ml_collections.ConfigDict()
-  c.stage = "ipo_vs_dpo"  # Run by experiments/ipo_vs_dpo/run.py, not main.py.
+  c.driver = "experiments.ipo_vs_dpo.run:run"  # No library stages: a bandit of its own.
   c.seed = 0
   c.bandit = ml_collections.ConfigDict(dict(
       # π_ref over 5 responses; responses 0 and 1 beat every other response.

@@ -1,6 +1,6 @@
 """Driver of the IPO vs DPO bandit (see config.py for the card).
 
-  python -m experiments.ipo_vs_dpo.run --config=experiments/ipo_vs_dpo/config.py --workdir=DIR
+  python -m rlhf_jax.main --config=experiments/ipo_vs_dpo/config.py --workdir=DIR
 
 Writes DIR/results.json, DIR/results.md and DIR/ipo_vs_dpo.png.
 """
@@ -12,14 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
-from ml_collections import config_flags
-
 from rlhf_jax import objectives
-
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/ipo_vs_dpo/config.py",
-                                          "Experiment config file[:arg].", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the results.")
 
 LOSSES = {"dpo": "sigmoid", "ipo": "ipo"}
 
@@ -189,15 +182,3 @@ def plot(results: dict, path: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required")
-  run(_CONFIG.value, _WORKDIR.value)
-
-
-if __name__ == "__main__":
-  app.run(main)

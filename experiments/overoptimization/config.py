@@ -2,10 +2,9 @@
 Reward Model Overoptimization", arXiv:2210.10760, Figs. 1-3), on the embedded review world,
 whose programmatic gold reward plays the paper's gold reward model.
 
-  python -m experiments.overoptimization.run --config=experiments/overoptimization/config.py \
-      --workdir=/tmp/overopt
-  python -m experiments.overoptimization.run \
-      --config=experiments/overoptimization/config.py:runlocal --workdir=/tmp/overopt_small
+  python -m rlhf_jax.main --config=experiments/overoptimization/config.py --workdir=/tmp/overopt
+  python -m rlhf_jax.main --config=experiments/overoptimization/config.py:runlocal \
+      --workdir=/tmp/overopt_small
 
 Pipeline (experiments/overoptimization/run.py):
   1. SFT the policy, and one SFT language model per proxy size (the proxies' "pretrained"
@@ -31,6 +30,7 @@ best-of-n pool 133 s, PPO 491 s (the paired SFT baseline of the PPO curves inclu
 import ml_collections
 
 from rlhf_jax import configs
+from rlhf_jax.train import pipeline
 
 # Proxy reward-model sizes (the Llama-style family at the review world's scale). "m" is the
 # policy's own size, so its backbone is the SFT policy itself.
@@ -43,15 +43,17 @@ RM_SIZES = {
 
 def get_config(arg=None):
   arg = configs.parse_arg(arg, runlocal=False)
-  c = configs.review_world_base(runlocal=arg.runlocal)
-  c.stage = "overoptimization"  # Run by experiments/overoptimization/run.py, not main.py.
-  configs.add_review_world_stages(c, runlocal=arg.runlocal)
+  c = pipeline.review_world_config(runlocal=arg.runlocal)
+  # The library stages the driver runs (validated before it starts), and the driver.
+  c.stages = ("sft", "pairs", "reward", "ppo")
+  c.driver = "experiments.overoptimization.run:run"
   c.overopt = ml_collections.ConfigDict(dict(
       rm_sizes=ml_collections.ConfigDict(RM_SIZES),
       # Training prompts of the large set (6 gold-labelled pairs each) and of the small one.
       train_prompts_large=512, train_prompts_small=64,
       pool_prompts=64, pool_size=512, bon_max_log2=8,  # n = 1, 2, 4, ..., 256.
-      score_batch_size=1024, kl_penalty=0.1, log_window=4, baseline_k=4))
+      score_batch_size=1024, kl_penalty=0.1, log_window=4, baseline_k=4,
+      reanalyse=False))  # True: only redo the analysis of workdir/results.json.
   c.reward.steps, c.reward.eval_every = 150, 150
   # PPO without a KL penalty pushes far from the SFT policy: a larger learning rate and more
   # iterations than the quickstart's.

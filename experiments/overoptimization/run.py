@@ -1,10 +1,11 @@
 """Driver of the reward-model overoptimisation reproduction (see config.py for the card).
 
-  python -m experiments.overoptimization.run --config=experiments/overoptimization/config.py \
-      --workdir=DIR
+  python -m rlhf_jax.main --config=experiments/overoptimization/config.py --workdir=DIR
 
-Writes DIR/results.json, DIR/results.md, DIR/best_of_n.png and DIR/rl.png. SFT and reward-model
-stages checkpoint under DIR and resume; the pool and the PPO sweep are recomputed.
+Writes DIR/results.json, DIR/results.md, DIR/best_of_n.png and DIR/rl.png. The SFT and reward
+stages (the library's) checkpoint under DIR and resume; the pool and the PPO sweep are
+recomputed. --config.overopt.reanalyse=True only redoes fits, checks, plots and the table from
+DIR/results.json.
 """
 import copy
 import json
@@ -12,29 +13,18 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
-from rlhf_jax import configs, data, models, parallel, sampling
 from rlhf_jax import eval as eval_lib
+from rlhf_jax import rng, sampling
 from rlhf_jax.eval import overoptimization as oo
-from rlhf_jax.train import loop as loop_lib
-from rlhf_jax.train import optim, ppo as ppo_lib
-from rlhf_jax.train import reward as reward_lib
-from rlhf_jax.train import sft as sft_lib
-from rlhf_jax.train import state as state_lib
-from rlhf_jax.train import step as step_lib
-from rlhf_jax.train.labels import label_policy_samples
-
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/overoptimization/config.py",
-                                          "Experiment config file[:arg].", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and results.")
-_REANALYSE = flags.DEFINE_bool("reanalyse", False, "Only redo fits, checks, plots and table "
-                               "from WORKDIR/results.json.")
+from rlhf_jax.train import pipeline, ppo as ppo_lib, reward, scoring, sft, sweep
 
 DATA = ("small", "large")  # Member order of each size's vmapped proxy pair.
+# Random streams of this experiment (offsets of config.seed, beside rlhf_jax.rng.STREAMS).
+POOL_STREAM, BASELINE_STREAM = 30, 31
+POOL_PROMPTS = 30  # Seed of the best-of-n pool's prompt set.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,88 +35,51 @@ def _same_dims(model_cfg, dims) -> bool:
   return all(model_cfg[k] == v for k, v in dims.items())
 
 
-def proxy_backbones(config, workdir, sft_params):
-  """{size: (config with that model, SFT params of that size)}: each proxy starts from a
-  language model of its own size SFT-ed on the same data (the paper's RMs start from
-  pretrained models of each size)."""
+def proxy_backbones(config, workdir, policy):
+  """{size: (config with that model, the SFT stage's result at that size)}: each proxy starts
+  from a language model of its own size SFT-ed on the same data (the paper's RMs start from
+  pretrained models of each size); the policy's own size reuses the policy."""
   out = {}
   for name, dims in config.overopt.rm_sizes.items():
     if _same_dims(config.model, dims):
-      out[name] = (config, sft_params)
+      out[name] = (config, policy)
       continue
     sized = copy.deepcopy(config)
     sized.model.update(dims.to_dict())
-    _, params, _, _, _ = sft_lib.run_sft(sized, os.path.join(workdir, f"sft_{name}"))
-    out[name] = (sized, params)
+    out[name] = (sized, sft.run(sized, os.path.join(workdir, f"sft_{name}")))
   return out
 
 
-def train_proxies(config, workdir, backbone, sources, eval_pairs, task, mesh):
-  """One proxy per training set in `sources`, trained together (stacked params, vmapped step,
-  the same number of steps); heads normalised to mean 0, std 1 on the held-out responses.
-  Returns (module, stacked params [len(sources), ...], per-member held-out accuracy)."""
-  module = models.build_model(configs.model_config(config.model, task.vocab_size), "reward")
-  rules, cfg, tok = config.sharding, config.reward, task.tokenize_config
-  collate = lambda exs: data.pad_preferences(exs, tok.max_prompt_len, tok.max_response_len,
-                                             tok.pad_id)
-  batcher = data.PaddedBatcher(cfg.batch_size, collate)
-
-  def make_iterator(position):
-    return reward_lib.EnsembleIterator([
-        data.DataIterator(src, batcher, seed=config.seed + i, position=position)
-        for i, src in enumerate(sources)])
-
-  tx, _ = optim.make_optimizer(cfg.optim, cfg.steps)
-  init_key, rng = jax.random.split(jax.random.key(config.seed + 1))
-  params = reward_lib.init_ensemble(module, jax.random.split(init_key, len(sources)), mesh,
-                                    rules, backbone)
-  state = reward_lib.ensemble_state(params, tx, rng, mesh, rules)
-  single = step_lib.make_train_step(
-      reward_lib.reward_loss_fn(module, use_margin=False, center_coef=0.0), tx)
-  step_fn = state_lib.jit_step(reward_lib.ensemble_step(single), state)
-  with parallel.mesh_context(mesh, rules):
-    state = loop_lib.train_loop(
-        workdir=workdir, state=state, step_fn=step_fn, make_iterator=make_iterator,
-        to_device=lambda b: reward_lib.shard_members(b, mesh),
-        loop=sft_lib.loop_config(cfg, config.run), extra={"config": config.to_dict()},
-        desc="proxies")
-    _, rewards = reward_lib.evaluate_pairs(module, state["params"], eval_pairs, tok, mesh,
-                                           cfg.eval_batch_size)
-    params, _, _ = reward_lib.normalize_heads(state["params"], rewards)
-  half = rewards.shape[1] // 2
-  accuracy = (rewards[:, :half] > rewards[:, half:]).mean(axis=1)
-  return module, params, [float(a) for a in accuracy]
+def train_proxies(config, workdir, backbone, sources, eval_pairs):
+  """One proxy per training set in `sources`: the library's reward stage with one training set
+  per ensemble member (stacked params, vmapped step, the same number of steps; heads
+  normalised to mean 0, std 1 on the held-out responses). Returns (module, stacked params
+  [len(sources), ...], per-member held-out accuracy)."""
+  out = reward.run(config, workdir, backbone, pairs=(list(sources), eval_pairs))
+  return out.module, out.params, out.metrics["eval_accuracy_members"]
 
 
 # ---------------------------------------------------------------------------------------------
 # Best-of-n from one pool of SFT samples
 # ---------------------------------------------------------------------------------------------
 
-def response_mask(tokens: np.ndarray, eos_id: int) -> np.ndarray:
-  """1 up to and including the first EOS (every column when there is none), as the sampler."""
-  eos = (tokens == eos_id).astype(np.int32)
-  before = np.cumsum(eos, axis=-1) - eos  # EOS strictly before this column.
-  return (before == 0).astype(np.int32)
-
-
 def sample_pool(config, task, mesh, module, sft_params):
   """pool_size SFT samples for each of pool_prompts held-out prompts: padded sequences for
   the proxies, and the gold reward of each. Returns (ids [M, L], mask [M, L], gold [P, N])."""
   cfg, tok, world = config.overopt, task.tokenize_config, task.world
-  prompts = [world.encode(p) for p in world.sample_prompts(cfg.pool_prompts, seed=30)]
-  sampling_cfg = sampling.SamplingConfig(max_new_tokens=config.sampling.max_new_tokens,
-                                         eos_id=tok.eos_id, pad_id=tok.pad_id,
-                                         temperature=config.sampling.temperature)
+  prompts = [world.encode(p) for p in world.sample_prompts(cfg.pool_prompts,
+                                                           seed=POOL_PROMPTS)]
+  sampling_cfg = sampling.sampling_config(config.sampling, tok.eos_id, tok.pad_id)
   tokens, _, _, _ = eval_lib.sample_responses(
       module, sft_params, prompts, k=cfg.pool_size, sampling_cfg=sampling_cfg,
       prompt_len=tok.max_prompt_len, pad_id=tok.pad_id, mesh=mesh, rules=config.sharding,
-      key=jax.random.key(config.seed + 30), batch_size=cfg.score_batch_size)
+      key=jax.random.key(config.seed + POOL_STREAM), batch_size=cfg.score_batch_size)
   flat = tokens.reshape(-1, tokens.shape[-1])
   rows = [p for p in prompts for _ in range(cfg.pool_size)]
   gold = world.score_ids(rows, list(flat)).reward.reshape(len(prompts), cfg.pool_size)
   p_ids, p_mask = eval_lib.left_pad(rows, tok.max_prompt_len, tok.pad_id)
   ids = np.concatenate([p_ids, flat], axis=1)
-  mask = np.concatenate([p_mask, response_mask(flat, tok.eos_id)], axis=1)
+  mask = np.concatenate([p_mask, eval_lib.response_mask(flat, tok.eos_id)], axis=1)
   return ids, mask, gold
 
 
@@ -148,45 +101,31 @@ def best_of_n_curves(proxy: np.ndarray, gold: np.ndarray, ns) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def ppo_sweep(config, task, mesh, module, sft_params, rm_module, members):
-  """members: [(proxy params [1, ...] (a one-member ensemble), kl_coef)]. Returns per member
-  the per-iteration rollout means: KL(π‖π_SFT) (Monte-Carlo, k1 summed over the response),
-  proxy score and gold reward."""
-  value_module = models.build_model(module.cfg, "value")
-  sample = jnp.ones((1, 8), jnp.int32)
-  fresh = parallel.init_params(value_module, jax.random.key(config.seed + 5), sample, mesh=mesh,
-                               rules=config.sharding)
-  # The critic starts from the policy's backbone: proxies of other sizes do not fit it.
-  params = {"policy": sft_params, "value": models.transfer_backbone(sft_params, fresh)}
-  trainer = ppo_lib.PPOTrainer(config, task, mesh, policy_module=module,
-                               value_module=value_module, ref_params=sft_params,
-                               reward_module=rm_module)
-  states = []
-  for _, kl_coef in members:
-    s = trainer.init_state(jax.tree.map(jnp.copy, params), jax.random.key(config.seed + 6))
-    s["kl_coef"] = jnp.asarray(kl_coef, jnp.float32)
-    states.append(s)
-  stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-  rm_stack = stack([p for p, _ in members])
+  """members: [(proxy params [1, ...] (a one-member ensemble), kl_coef)], run as one vmapped
+  fused iteration (sweep.ppo_sweep) with the critic from the policy's backbone (proxies of
+  other sizes do not fit it). Returns per member the per-iteration rollout means:
+  KL(π‖π_SFT) (Monte-Carlo, k1 summed over the response), proxy score and gold reward."""
+  config = copy.deepcopy(config)
+  config.ppo.value_init = "policy"
+  trainer, params = ppo_lib.make_trainer(config, task, mesh, policy=(module, sft_params),
+                                         rm=(rm_module, members[0][0]))
   log = {"kl": [], "proxy": [], "gold": [], "no_eos_fraction": []}
-  with parallel.mesh_context(mesh, config.sharding):
-    state = stack(states)
-    sweep = jax.jit(jax.vmap(trainer.fused_iteration, in_axes=(0, None, None, None, 0)),
-                    donate_argnums=0)
-    prompts = ppo_lib.prompt_iterator(task, config, 0)
-    for it in range(config.ppo.iterations):
-      batch = next(prompts)
-      ids, mask = jnp.asarray(batch["ids"]), jnp.asarray(batch["mask"])
-      state, out = sweep(state, ids, mask, sft_params, rm_stack)
-      tokens = np.asarray(out["samples"].tokens)
-      gold = [np.mean(trainer.gold_scores((batch["ids"], batch["mask"]),
-                                          sampling.Samples(tokens[m], *(None,) * 4)))
-              for m in range(len(members))]
-      log["kl"].append(np.asarray(out["kl"]).tolist())
-      log["proxy"].append(np.asarray(out["rm_score"]).mean(1).tolist())
-      log["gold"].append([float(g) for g in gold])
-      log["no_eos_fraction"].append((1 - np.asarray(out["samples"].finished).mean(1)).tolist())
-      logging.info("ppo iteration %d: kl %s proxy %s gold %s", it, log["kl"][-1],
-                   log["proxy"][-1], log["gold"][-1])
+
+  def record(it, out):
+    batch, tokens = out["prompts"], np.asarray(out["samples"].tokens)
+    gold = [np.mean(trainer.gold_scores((batch["ids"], batch["mask"]),
+                                        sampling.Samples(tokens[m], *(None,) * 4)))
+            for m in range(len(members))]
+    log["kl"].append(np.asarray(out["kl"]).tolist())
+    log["proxy"].append(np.asarray(out["rm_score"]).mean(1).tolist())
+    log["gold"].append([float(g) for g in gold])
+    log["no_eos_fraction"].append((1 - np.asarray(out["samples"].finished).mean(1)).tolist())
+    logging.info("ppo iteration %d: kl %s proxy %s gold %s", it - 1, log["kl"][-1],
+                 log["proxy"][-1], log["gold"][-1])
+
+  sweep.ppo_sweep(trainer, params, task=task, config=config,
+                  kl_coefs=[coef for _, coef in members],
+                  rm_params=sweep.stack_trees([p for p, _ in members]), on_iteration=record)
   # [iterations, members] -> per member lists.
   return [{k: [row[m] for row in v] for k, v in log.items()} for m in range(len(members))]
 
@@ -202,12 +141,12 @@ def sft_gold_on_ppo_prompts(config, task, mesh, module, sft_params) -> list[floa
     batch = next(batches)
     prompts += [row[m > 0] for row, m in zip(batch["ids"], batch["mask"])]
   k = config.overopt.baseline_k
-  sampling_cfg = sampling.SamplingConfig(max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_id,
-                                         pad_id=tok.pad_id, temperature=cfg.temperature)
+  sampling_cfg = sampling.sampling_config(cfg, tok.eos_id, tok.pad_id)
   tokens, _, _, _ = eval_lib.sample_responses(
       module, sft_params, prompts, k=k, sampling_cfg=sampling_cfg,
       prompt_len=tok.max_prompt_len, pad_id=tok.pad_id, mesh=mesh, rules=config.sharding,
-      key=jax.random.key(config.seed + 31), batch_size=config.overopt.score_batch_size)
+      key=jax.random.key(config.seed + BASELINE_STREAM),
+      batch_size=config.overopt.score_batch_size)
   gold = world.score_ids([p for p in prompts for _ in range(k)],
                          list(tokens.reshape(-1, tokens.shape[-1]))).reward
   return gold.reshape(cfg.iterations, -1).mean(1).tolist()
@@ -367,8 +306,10 @@ def plot(results: dict, sizes, path_bon: str, path_rl: str) -> None:
 
 def write_table(results: dict, sizes, checks: list[str], path: str, config) -> None:
   cfg = config.overopt
+  # The policy's shape (its numerics, dtype and remat, are not what the table is about).
+  shape = {k: v for k, v in config.model.items() if k not in ("dtype", "remat")}
   lines = ["# Reward-model overoptimisation (Gao, Schulman & Hilton 2022) in miniature", "",
-           f"Review world, policy {dict(config.model)}; gold = the world's programmatic reward. "
+           f"Review world, policy {shape}; gold = the world's programmatic reward. "
            f"Proxies trained on gold-labelled pairs of SFT samples: "
            f"{results['pairs']['large']} pairs (large) and {results['pairs']['small']} "
            f"(small), {config.reward.steps} steps each. Best-of-n over a pool of "
@@ -402,22 +343,26 @@ def write_table(results: dict, sizes, checks: list[str], path: str, config) -> N
 # The run
 # ---------------------------------------------------------------------------------------------
 
-def run(config, workdir: str) -> dict:
+def measure(config, workdir: str) -> dict:
+  """Every phase of the reproduction, then the report."""
   cfg = config.overopt
   timings, start = {}, time.perf_counter()
   tic = lambda: time.perf_counter()
   t = tic()
-  module, sft_params, task, mesh, _ = sft_lib.run_sft(config, os.path.join(workdir, "sft"))
-  backbones = proxy_backbones(config, workdir, sft_params)
+  policy = sft.run(config, os.path.join(workdir, "sft"))
+  module, sft_params, task, mesh = policy.module, policy.params, policy.task, policy.mesh
+  backbones = proxy_backbones(config, workdir, policy)
   timings["sft"] = tic() - t
 
   # GOLD-LABELLED PAIRS OF SFT SAMPLES; THE SMALL SET IS A PREFIX OF THE LARGE ONE.
   t = tic()
-  large = label_policy_samples(module, sft_params, task, config, mesh,
-                               n_prompts=cfg.train_prompts_large, seed=10)
+  large = pipeline.label_policy_samples(module, sft_params, task, config, mesh,
+                                        n_prompts=cfg.train_prompts_large,
+                                        seed=rng.prompt_seed("pairs_train"))
   small = large[:len(large) * cfg.train_prompts_small // cfg.train_prompts_large]
-  eval_pairs = label_policy_samples(module, sft_params, task, config, mesh,
-                                    n_prompts=config.sampling.eval_prompts, seed=11)
+  eval_pairs = pipeline.label_policy_samples(module, sft_params, task, config, mesh,
+                                             n_prompts=config.sampling.eval_prompts,
+                                             seed=rng.prompt_seed("pairs_eval"))
   timings["pairs"] = tic() - t
 
   # PROXIES: EACH SIZE'S TWO DATA SIZES AS ONE VMAPPED PROGRAM.
@@ -429,7 +374,7 @@ def run(config, workdir: str) -> dict:
   for size in sizes:
     sized, backbone = backbones[size]
     rm_module, rm_params, acc = train_proxies(sized, os.path.join(workdir, f"rm_{size}"),
-                                              backbone, [small, large], eval_pairs, task, mesh)
+                                              backbone, [small, large], eval_pairs)
     proxies[size] = (rm_module, rm_params)
     accuracy.update({f"{size}/{d}": a for d, a in zip(DATA, acc)})
   timings["proxies"] = tic() - t
@@ -441,8 +386,8 @@ def run(config, workdir: str) -> dict:
   bon, baselines = {}, {}
   for size in sizes:
     rm_module, rm_params = proxies[size]
-    scores = reward_lib.score_sequences(rm_module, rm_params, ids, mask, mesh,
-                                        cfg.score_batch_size)  # [2, P*N]
+    scores = scoring.score_sequences(rm_module, rm_params, ids, mask, mesh,
+                                     cfg.score_batch_size)  # [2, P*N]
     for m, d in enumerate(DATA):
       curve = best_of_n_curves(scores[m].reshape(gold.shape), gold, ns)
       curve["d"] = np.sqrt(curve["kl"]).tolist()
@@ -494,33 +439,16 @@ def report(results: dict, config, workdir: str) -> dict:
   return results
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required")
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  if _REANALYSE.value:
-    with open(os.path.join(_WORKDIR.value, "results.json")) as f:
-      saved = json.load(f)
-    if "rl_raw" not in saved:  # Written before the raw logs had their own key.
-      saved["rl_raw"] = {k: v["raw"] for k, v in saved["rl"].items()}
-      saved["baselines"] = {k: (c["gold_at_n1"], c["proxy_at_n1"])
-                            for k, c in saved["best_of_n"].items()}
-      saved["kl_penalty"] = _CONFIG.value.overopt.kl_penalty
-      saved["sizes"] = sorted({k.split("/")[0] for k in saved["best_of_n"]},
-                              key=lambda k: (_CONFIG.value.overopt.rm_sizes[k].d_model,
-                                             _CONFIG.value.overopt.rm_sizes[k].n_layers))
-    if "sft_gold_per_iteration" not in saved:
-      config = _CONFIG.value
-      module, sft_params, task, mesh, _ = sft_lib.run_sft(config,
-                                                          os.path.join(_WORKDIR.value, "sft"))
-      saved["sft_gold_per_iteration"] = sft_gold_on_ppo_prompts(config, task, mesh, module,
-                                                                sft_params)
-    report(saved, _CONFIG.value, _WORKDIR.value)
-  else:
-    run(_CONFIG.value, _WORKDIR.value)
-
-
-if __name__ == "__main__":
-  app.run(main)
+def run(config, workdir: str) -> dict:
+  """main.py's entry (config.driver): the full run, or with config.overopt.reanalyse only the
+  analysis of a saved results.json."""
+  os.makedirs(workdir, exist_ok=True)
+  if not config.overopt.reanalyse:
+    return measure(config, workdir)
+  with open(os.path.join(workdir, "results.json")) as f:
+    saved = json.load(f)
+  if "sft_gold_per_iteration" not in saved:  # Written before the paired baseline existed.
+    policy = sft.run(config, os.path.join(workdir, "sft"))
+    saved["sft_gold_per_iteration"] = sft_gold_on_ppo_prompts(config, policy.task, policy.mesh,
+                                                              policy.module, policy.params)
+  return report(saved, config, workdir)

@@ -18,17 +18,16 @@ iteration into one program (reward=model only; see PPOTrainer.fused_iteration, v
 stacked states for one-compile sweeps).
 """
 from rlhf_jax import configs
-from rlhf_jax.train.ppo import default_ppo_config
+from rlhf_jax.train import pipeline, rl
 
 
 def get_config(arg=None):
   arg = configs.parse_arg(arg, algo="ppo", reward="model", runlocal=False, size="tiny",
                           preset="", value="separate")
-  c = configs.review_world_base(size=arg.size, runlocal=arg.runlocal)
-  c.stage = "ppo"
-  configs.add_review_world_stages(c, runlocal=arg.runlocal)
+  c = pipeline.review_world_config(size=arg.size, runlocal=arg.runlocal)
+  c.stages = (("sft", "pairs", "reward", "ppo") if arg.reward == "model" else ("sft", "ppo"))
   if arg.preset == "seed":
-    c.ppo = default_ppo_config()
+    c.ppo = rl.default_config()
     if arg.runlocal:  # The same recipe, shrunk to run on a laptop.
       c.ppo.update(dict(iterations=4, prompts_per_iter=16, minibatch_size=8,
                         max_new_tokens=32, eval_every=2))
