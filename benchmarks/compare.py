@@ -14,7 +14,7 @@ default: XLA:CPU uses both cores too):
       Ours: train.preference.preference_loss_fn in train.step.make_train_step (jitted, state
       donated). Theirs: a plain torch loop (forward, log_softmax + gather, loss, backward,
       torch.optim.AdamW.step). Both build logits only at the columns that predict response
-      tokens (ours: pair_logps; theirs: transformers' `logits_to_keep`).
+      tokens (ours: scoring.pair_logps; theirs: transformers' `logits_to_keep`).
   W2  Reward-model step: the same pairs, Bradley-Terry loss on a scalar head read at the
       last token, backward, AdamW. Theirs: transformers' LlamaModel + a torch Linear head.
   W3  Generation: 16 prompts x 64 tokens, exactly 128 new tokens per row (EOS suppressed),
@@ -48,6 +48,7 @@ import generate as generate_bench
 from rlhf_jax import data, models, parallel
 from rlhf_jax.train import preference as pref
 from rlhf_jax.train import reward as reward_lib
+from rlhf_jax.train import scoring
 from rlhf_jax.train import step as step_lib
 
 WORKLOADS = ("W1", "W2", "W3")
@@ -67,7 +68,7 @@ LR, B1, B2, EPS, WD = 1e-6, 0.9, 0.999, 1e-8, 0.01
 # ---------------------------------------------------------------------------------------------
 
 def pair_batch(cfg, pairs: int, prompt: int, response: int):
-  """Pair rows (train.preference layout) of random full-length prompts and responses: no
+  """Pair rows (train.scoring layout) of random full-length prompts and responses: no
   padding, so both sides see the same positions without position-id plumbing."""
   rng = np.random.RandomState(0)
   examples = [data.TokenizedPair(rng.randint(2, cfg.vocab_size, prompt).astype(np.int32),
@@ -76,7 +77,7 @@ def pair_batch(cfg, pairs: int, prompt: int, response: int):
               for _ in range(pairs)]
   tok = data.TokenizeConfig(eos_id=cfg.eos_token_id, pad_id=cfg.pad_token_id,
                             max_prompt_len=prompt, max_response_len=response)
-  return pref.collate_pairs(examples, tok, shared_prefix=False)
+  return scoring.collate_pairs(examples, tok, shared_prefix=False)
 
 
 def torch_llama(module, params):
@@ -134,8 +135,8 @@ def w1_dpo(cfg, args):
   params = parallel.init_params(module, jax.random.key(0), batch["chosen_ids"][:1])
   # Reference log-probs: the policy's own plus a spread, so the first loss is not log 2 and
   # the parity check below is a real check.
-  s_c, s_r = jax.jit(lambda p, b: pref.pair_logps(module, p, b, prompt_len=args.prompt,
-                                                  shared_prefix=False)[:2])(params, batch)
+  s_c, s_r = jax.jit(lambda p, b: scoring.pair_logps(module, p, b, prompt_len=args.prompt,
+                                                     shared_prefix=False)[:2])(params, batch)
   noise = np.random.RandomState(1).normal(0, 3, (2, args.pairs)).astype(np.float32)
   batch["ref_chosen"] = np.asarray(s_c) + noise[0]
   batch["ref_rejected"] = np.asarray(s_r) + noise[1]
@@ -163,7 +164,7 @@ def w1_dpo(cfg, args):
     opt.step()
     return loss.item()
 
-  dpo = pref.default_dpo_config()
+  dpo = pref.default_config()
   dpo.loss, dpo.beta, dpo.reference, dpo.shared_prefix = "sigmoid", BETA, "precomputed", False
   tx = optax.adamw(LR, b1=B1, b2=B2, eps=EPS, weight_decay=WD)
   step = step_lib.make_train_step(pref.preference_loss_fn(module, dpo, args.prompt), tx)

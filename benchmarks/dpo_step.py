@@ -21,6 +21,7 @@ import optax
 import common
 from rlhf_jax import data, models, parallel
 from rlhf_jax.train import preference as pref
+from rlhf_jax.train import scoring
 from rlhf_jax.train import step as step_lib
 
 
@@ -34,8 +35,8 @@ def run_variant(module, params, *, pairs: int, prompt: int, response: int, refer
               for _ in range(pairs)]
   tok = data.TokenizeConfig(eos_id=1, pad_id=0, max_prompt_len=prompt,
                             max_response_len=response)
-  batch = pref.collate_pairs(examples, tok, shared)
-  dpo = pref.default_dpo_config()
+  batch = scoring.collate_pairs(examples, tok, shared)
+  dpo = pref.default_config()
   dpo.reference, dpo.shared_prefix = reference, shared
   tx = optax.adamw(1e-6)
   params = jax.tree.map(jnp.copy, params)  # Each variant donates its own copy.

@@ -93,7 +93,7 @@ batch["ref_rejected"] = np.zeros((shape["pairs"],), np.float32)
 t0 = time.perf_counter()
 params = parallel.init_params(module, jax.random.key(0), batch["chosen_ids"][:1])
 init_s = time.perf_counter() - t0
-dpo = pref.default_dpo_config()
+dpo = pref.default_config()
 dpo.reference, dpo.shared_prefix = "precomputed", False
 tx = optax.adamw(1e-6, weight_decay=0.01)
 step = step_lib.make_train_step(pref.preference_loss_fn(module, dpo, shape["prompt"]), tx)

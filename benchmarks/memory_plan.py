@@ -90,6 +90,7 @@ def plan(model_name, step, preset, remat, lora_rank, args) -> dict:
   from rlhf_jax import models, parallel
   from rlhf_jax.train import ppo as ppo_lib
   from rlhf_jax.train import preference as pref
+  from rlhf_jax.train import rl
   from rlhf_jax.train import state as state_lib
   from rlhf_jax.train import step as step_lib
 
@@ -128,7 +129,7 @@ def plan(model_name, step, preset, remat, lora_rank, args) -> dict:
   rows = lambda dtype, width: jax.ShapeDtypeStruct((b, width), dtype,
                                                    sharding=parallel.batch_sharding(mesh, 2))
   if step == "dpo":
-    dpo = pref.default_dpo_config()
+    dpo = pref.default_config()
     batch = {f"{side}_{k}": rows(jnp.int32, p + r) for side in ("chosen", "rejected")
              for k in ("ids", "mask", "loss_mask")}
     loss_fn = pref.preference_loss_fn(module, dpo, p)
@@ -139,7 +140,7 @@ def plan(model_name, step, preset, remat, lora_rank, args) -> dict:
       loss_fn = models.lora.lora_loss_fn(loss_fn, lora_cfg.scale, base_is_reference=True)
       extra, frozen = ("base",), params
   else:
-    ppo = ppo_lib.default_ppo_config()
+    ppo = rl.default_config()
     ppo.value = "head"
     batch = {"prompt_ids": rows(jnp.int32, p), "prompt_mask": rows(jnp.int32, p),
              "tokens": rows(jnp.int32, r), "response_mask": rows(jnp.int32, r),

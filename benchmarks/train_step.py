@@ -15,11 +15,11 @@ import numpy as np
 import optax
 
 import common
-from rlhf_jax import models, parallel
+from rlhf_jax import models, objectives, parallel
 
 
 def lm_loss(module, params, ids, mask):
-  logp = models.token_logprobs(module.apply({"params": params}, ids, mask)[:, :-1], ids[:, 1:])
+  logp = objectives.token_logprobs(module.apply({"params": params}, ids, mask)[:, :-1], ids[:, 1:])
   weights = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
   return -jnp.sum(logp * weights) / jnp.sum(weights)
 

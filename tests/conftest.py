@@ -22,6 +22,8 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # Experiment drivers (experiments.*) are imported by tests.
+  sys.path.insert(0, str(REPO_ROOT))
 SHARED_DIR = REPO_ROOT.parent / "shared"
 HH_RLHF_PATH = SHARED_DIR / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 
@@ -70,7 +72,7 @@ def ppo_world(config, mesh, rm_members=1):
   from rlhf_jax import configs, models, parallel
   from rlhf_jax.train import reward as reward_lib
   from rlhf_jax.train import task as task_lib
-  task = task_lib.build_task(config.task)
+  task = task_lib.build_task(config)
   cfg = configs.model_config(config.model, task.vocab_size)
   policy = models.build_model(cfg)
   sft = parallel.init_params(policy, jax.random.key(0), jnp.ones((1, 4), jnp.int32), mesh=mesh)

@@ -219,11 +219,11 @@ def test_only_checkpoint_uncommitted_means_fresh_start(tmp_path):
 
 
 def test_restore_onto_a_different_mesh(tmp_path):
-  saved = json.loads(run_python(["tests/checkpoint_mesh_restore.py", "save", str(tmp_path)])
+  saved = json.loads(run_python(["tests/helpers/checkpoint_mesh_restore.py", "save", str(tmp_path)])
                      .strip().splitlines()[-1])
   kernel = "['params']['backbone']['block_0']['mlp']['gate']['kernel']"
   assert saved["saved_specs"][kernel] == "P('fsdp', None)"
-  report = json.loads(run_python(["tests/checkpoint_mesh_restore.py", "restore", str(tmp_path)])
+  report = json.loads(run_python(["tests/helpers/checkpoint_mesh_restore.py", "restore", str(tmp_path)])
                       .strip().splitlines()[-1])
   assert report["step"] == 4 and report["extra"] == {"mesh": {"fsdp": 8}}
   assert report["num_leaves"] == 66
@@ -251,7 +251,7 @@ def test_preemption_on_one_host_stops_and_saves_on_all(tmp_path):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   procs = [subprocess.Popen(
-      ["timeout", "60", sys.executable, "tests/checkpoint_preempt_multiprocess.py", str(i),
+      ["timeout", "60", sys.executable, "tests/helpers/checkpoint_preempt_multiprocess.py", str(i),
        str(port), str(tmp_path / "ckpt")], cwd=REPO_ROOT, stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True) for i in range(2)]
   outputs = [p.communicate(timeout=90) for p in procs]

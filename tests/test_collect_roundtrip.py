@@ -97,16 +97,17 @@ def test_generate_annotate_export_train_reward_model_and_label(hf_policy, tmp_pa
   rm_dir = tmp_path / "rm"
   run_python(["-m", "rlhf_jax.main", "--config=experiments/collect/reward_from_export.py:runlocal",
               f"--config.task.tokenizer={round_dir / 'tokenizer.json'}",
-              f"--config.task.pairs_train={prefs}", f"--workdir={rm_dir}"])
-  results = json.loads((rm_dir / "reward_results.json").read_text())
+              f"--config.data.pairs={prefs}", f"--workdir={rm_dir}"])
+  results = json.loads((rm_dir / "reward" / "reward_results.json").read_text())
   # 10% of the pairs (at least one) held out for evaluation, the rest trained on.
   assert results["eval_pairs"] == max(1, round(0.1 * n_pairs))
   assert results["train_pairs"] + results["eval_pairs"] == n_pairs
-  last = json.loads((rm_dir / "metrics.jsonl").read_text().splitlines()[-1])
+  last = json.loads((rm_dir / "reward" / "metrics.jsonl").read_text().splitlines()[-1])
   assert last["step"] == 5 and np.isfinite(last["loss"])
 
   # The reward model labels what the people left: every target met afterwards.
-  out = _collect("label", f"--db={db_path}", "--labeler=reward", f"--reward_checkpoint={rm_dir}")
+  out = _collect("label", f"--db={db_path}", "--labeler=reward",
+                 f"--reward_checkpoint={rm_dir / 'reward'}")
   labelled = json.loads(out.strip().splitlines()[-1])
   stats = json.loads(_collect("stats", f"--db={db_path}", "--json"))
   assert stats["judgments_needed"] == 0
@@ -156,9 +157,9 @@ def test_cli_errors_are_one_clear_line(tmp_path):
 def test_sft_checkpoint_policy_and_gold_labels(tmp_path):
   # An SFT checkpoint exactly as our loop writes it: state {params, opt, step, rng} plus the
   # run's config in `extra`.
-  sft_config = experiment_config("quickstart.py", tiny=False)
+  sft_config = experiment_config("quickstart/config.py", tiny=False)
   sft_config.model.update(TINY)
-  task = task_lib.build_task(sft_config.task)
+  task = task_lib.build_task(sft_config)
   module = models.build_model(configs.model_config(sft_config.model, task.vocab_size))
   mesh = parallel.make_mesh({"data": -1})
   ids = np.ones((1, 4), np.int32)

@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import data
-from rlhf_jax import models
+from rlhf_jax import data, models, objectives
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +32,7 @@ def _token_logprobs(module, params, ids, mask, segment_ids=None) -> np.ndarray:
   @jax.jit
   def f(params, ids, mask, segment_ids):
     logits = module.apply({"params": params}, ids, attention_mask=mask, segment_ids=segment_ids)
-    return models.token_logprobs(logits[:, :-1], ids[:, 1:])
+    return objectives.token_logprobs(logits[:, :-1], ids[:, 1:])
   return np.asarray(f(params, ids, mask, segment_ids), np.float64)
 
 

@@ -1,4 +1,6 @@
-"""DPO on the real hh-rlhf file with a tiny Llama loaded from a local HF directory."""
+"""DPO on the real hh-rlhf file (hh transcripts) with a tiny Llama loaded from a local HF
+directory whose tokenizer has no tokenizer_config.json: the special tokens come from the
+config keys."""
 import gzip
 import json
 
@@ -34,10 +36,10 @@ def hf_dir(tmp_path_factory, hh_rlhf_path):
 
 
 def test_dpo_on_hh_rlhf_from_a_local_hf_policy(hf_dir, hh_rlhf_path, tmp_path):
-  out = run_python(["-m", "rlhf_jax.main", "--config=experiments/dpo/hh_rlhf.py:runlocal",
-                    f"--workdir={tmp_path}", f"--config.dpo.init_hf_dir={hf_dir}",
-                    f"--config.task.tokenizer={hf_dir}",
-                    f"--config.task.pairs_train={hh_rlhf_path}"])
+  out = run_python(["-m", "rlhf_jax.main", "--config=experiments/hf/dpo.py:runlocal",
+                    f"--workdir={tmp_path}", f"--config.model_dir={hf_dir}",
+                    f"--config.data.pairs={hh_rlhf_path}", "--config.task.eos_token=</s>",
+                    "--config.task.pad_token=<pad>"])
   logged = [json.loads(l) for l in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
   assert [m["step"] for m in logged] == list(range(1, 9))
   assert all(np.isfinite(m["loss"]) for m in logged)
@@ -60,11 +62,12 @@ def test_held_out_split_is_disjoint_and_deterministic(hh_rlhf_path):
     held_out_split(pairs, 0.0, "eval")
 
 
-def test_hh_config_requires_its_paths(tmp_path):
+def test_hf_config_requires_the_model_directory(tmp_path):
   import subprocess, sys
   from conftest import REPO_ROOT
   proc = subprocess.run([sys.executable, "-m", "rlhf_jax.main",
-                         "--config=experiments/dpo/hh_rlhf.py:runlocal", f"--workdir={tmp_path}"],
+                         "--config=experiments/hf/dpo.py:runlocal", f"--workdir={tmp_path}/run"],
                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0
-  assert "config.task.tokenizer" in proc.stderr and "config.dpo.init_hf_dir" in proc.stderr
+  assert "config.model_dir" in proc.stderr, proc.stderr[-2000:]
+  assert not (tmp_path / "run").exists()

@@ -10,8 +10,10 @@ import optax
 import pytest
 
 from conftest import experiment_config, ppo_world, ragged_pairs
-from rlhf_jax import configs, models, parallel
+from rlhf_jax import models, parallel
+from rlhf_jax.train import pipeline, scoring
 from rlhf_jax.train import preference as pref
+from rlhf_jax.train import stage as stage_lib
 from rlhf_jax.train import step as step_lib
 
 PROMPT, RESPONSE = 6, 5
@@ -111,7 +113,7 @@ def test_merged_export_equals_the_adapted_forward(base, tmp_path):
 def test_dpo_steps_train_only_the_adapters(base):
   module, params = base
   pairs, tok = ragged_pairs(8, PROMPT, RESPONSE)
-  batch = pref.collate_pairs(pairs, tok, False)
+  batch = scoring.collate_pairs(pairs, tok, False)
   cfg = models.LoRAConfig(rank=4, alpha=8.0)
   mesh = parallel.make_mesh({"data": 1})
   adapters = models.lora.init_sharded(module, params, cfg, jax.random.key(4), mesh, "fsdp")
@@ -124,7 +126,7 @@ def test_dpo_steps_train_only_the_adapters(base):
   assert sum(x.size for x in jax.tree.leaves(state["opt"])) < 3 * models.lora.num_params(
       adapters)
   base_copy = jax.tree.map(np.asarray, params)
-  loss_fn = models.lora.lora_loss_fn(pref.preference_loss_fn(module, pref.default_dpo_config(),
+  loss_fn = models.lora.lora_loss_fn(pref.preference_loss_fn(module, pref.default_config(),
                                                              PROMPT), cfg.scale, True)
   step = models.lora.jit_frozen_step(step_lib.make_train_step(loss_fn, tx,
                                                               state_extra=("base",)),
@@ -143,24 +145,24 @@ def test_dpo_steps_train_only_the_adapters(base):
 def test_dpo_stage_with_lora(base, tmp_path):
   module, params = base
   pairs, tok = ragged_pairs(8, PROMPT, RESPONSE)
-  config = configs.review_world_base()
-  configs.add_review_world_stages(config)
+  config = pipeline.review_world_config()
+  config.export.enabled = False  # The tokenizer here is a stand-in; export is tested apart.
   config.lora.update(dict(rank=4, alpha=8.0, targets="attn"))
   config.dpo.update(dict(steps=3, batch_size=8, eval_every=0))
   config.dpo.optim.update(dict(lr=2e-2, warmup_steps=0, schedule="constant"))
   config.run.update(dict(log_every=1, checkpoint_every=3))
-  task = types.SimpleNamespace(tokenize_config=tok)
-  _, merged, results = pref.run_preference(config, str(tmp_path), task=task,
-                                           policy=(module, params), train_pairs=pairs,
-                                           eval_pairs=pairs)
-  assert results["eval_reward_accuracy"] > 0.5
+  task = types.SimpleNamespace(tokenize_config=tok, vocab_size=tok.vocab_size)
+  mesh = parallel.make_mesh({"data": 1})
+  policy = stage_lib.StageResult("sft", module, params, task, mesh, {}, str(tmp_path))
+  result = pref.run(config, str(tmp_path), policy, pairs=(pairs, pairs))
+  merged = result.params
+  assert result.metrics["eval_reward_accuracy"] > 0.5
   changed = {p for p, x in _kernel_paths(merged).items()
              if not np.array_equal(x, _kernel_paths(params)[p])}
   assert changed and all("/attn/" in p and p.endswith("/kernel") for p in changed), changed
   # With LoRA the reference is the frozen base: a separate one is refused, not ignored.
-  with pytest.raises(ValueError, match=r"reference=\.\.\.\) needs .* and no LoRA"):
-    pref.run_preference(config, str(tmp_path / "ref"), task=task, policy=(module, params),
-                        train_pairs=pairs, eval_pairs=pairs, reference=params)
+  with pytest.raises(ValueError, match=r"a separate reference needs .* and no LoRA"):
+    pref.run(config, str(tmp_path / "ref"), policy, pairs=(pairs, pairs), reference=params)
 
 
 def test_lora_step_needs_less_memory_than_full_fine_tuning():
@@ -174,7 +176,7 @@ def test_lora_step_needs_less_memory_than_full_fine_tuning():
   batch = {k: jax.ShapeDtypeStruct((pairs, length), jnp.int32) for k in (
       "chosen_ids", "chosen_mask", "chosen_loss_mask", "rejected_ids", "rejected_mask",
       "rejected_loss_mask")}
-  dpo = pref.default_dpo_config()
+  dpo = pref.default_config()
   tx = optax.adamw(1e-4)
   loss_fn = pref.preference_loss_fn(module, dpo, 8)
 

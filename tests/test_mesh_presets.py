@@ -12,7 +12,7 @@ from conftest import run_python
 
 @pytest.fixture(scope="module")
 def report():
-  out = run_python(["tests/mesh_equality.py"], timeout=900)
+  out = run_python(["tests/helpers/mesh_equality.py"], timeout=900)
   return json.loads(out.strip().splitlines()[-1])
 
 

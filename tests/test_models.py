@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import models
+from rlhf_jax import models, objectives
 from rlhf_jax.parallel import abstract_params, init_params
 
 ARCHS = ("llama", "gpt2", "qwen2")
@@ -127,7 +127,7 @@ def test_remat_gives_identical_gradients():
 
   def grads(c):
     module = models.build_model(c)
-    loss = lambda p: jnp.mean(models.token_logprobs(
+    loss = lambda p: jnp.mean(objectives.token_logprobs(
         module.apply({"params": p}, ids)[:, :-1], ids[:, 1:]))
     return jax.jit(jax.grad(loss))(params)
 
@@ -154,8 +154,8 @@ def test_token_logprobs_and_entropy_match_log_softmax():
   for temperature in (1.0, 0.7, 2.0):
     ref = jax.nn.log_softmax(logits / temperature, axis=-1)
     picked = jnp.take_along_axis(ref, targets[..., None], axis=-1)[..., 0]
-    lp = models.token_logprobs(logits, targets, temperature)
-    lp2, ent = models.logprobs_and_entropy(logits.astype(jnp.bfloat16), targets, temperature)
+    lp = objectives.token_logprobs(logits, targets, temperature)
+    lp2, ent = objectives.logprobs_and_entropy(logits.astype(jnp.bfloat16), targets, temperature)
     chex.assert_trees_all_close(lp, picked, atol=1e-5)
     assert lp2.dtype == ent.dtype == jnp.float32
     ref_bf = jax.nn.log_softmax(logits.astype(jnp.bfloat16).astype(jnp.float32) / temperature)

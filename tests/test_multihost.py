@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
+from rlhf_jax.train.metrics import TIMING_KEYS
 
-WORKER = ["tests/multihost_worker.py"]
+WORKER = ["tests/helpers/multihost_worker.py"]
 TIMEOUT_S = 420
 
 
@@ -69,10 +70,11 @@ def _rel(a, b):
 
 
 def _assert_metrics_close(got, want, what):
+  """Every logged value agrees, except the wall-clock ones (TIMING_KEYS)."""
   assert [m["step"] for m in got] == [m["step"] for m in want], what
   for g, w in zip(got, want):
     assert set(g) == set(w), (what, g["step"])
-    for key in w:
+    for key in set(w) - set(TIMING_KEYS):
       assert _rel(g[key], w[key]) <= 1e-5, (what, g["step"], key, g[key], w[key])
 
 
@@ -102,11 +104,13 @@ def test_kto_matches_one_process(runs):
   # cannot see which rows were paired: compare it relative to itself. Measured at step 1:
   # pairing within each process's local batch (the old host-side shift) moves it by 2.7e-3
   # relative, pairing consecutive rows of the global batch (ignoring the iterator's strided
-  # process slices) by 2.8e-2; both far above float noise.
+  # process slices) by 2.8e-2. Float noise (two processes reduce in another order) was 3.8e-4
+  # relative at step 1 in one CI run (2.4e-7 absolute on 6.2e-4), so the bound is 1e-3: above
+  # that noise, below the smaller of the two pairing errors.
   kls = [(m["kl"], w["kl"]) for m, w in zip(p0["kto_metrics"], one["kto_metrics"])]
   assert kls[0][1] > 1e-4, kls
   for got, want in kls:
-    assert abs(got - want) <= 1e-5 * abs(want) + 1e-9, kls
+    assert abs(got - want) <= 1e-3 * abs(want) + 1e-9, kls
   assert _rel(p0["kto_params"], one["kto_params"]) <= 1e-5
   assert p0["kto_params"] == p1["kto_params"]
   for name in one["kto_results"]:

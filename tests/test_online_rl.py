@@ -11,7 +11,7 @@ def test_ppo_on_gold_reward_beats_sft(tmp_path):
               "reward=gold", f"--workdir={tmp_path}", "--config.ppo.iterations=12",
               "--config.ppo.optim.lr=3e-4", "--config.sft.steps=60", "--config.eval.prompts=64",
               "--config.eval.k=4"])
-  results = json.loads((tmp_path / "results.json").read_text())
+  results = json.loads((tmp_path / "results.json").read_text())["evaluation"]
   sft, ppo = results["sft"], results["ppo"]
   assert sft["samples"] == ppo["samples"] == 256
   assert ppo["gold_reward"] > sft["gold_reward"] + 2 * ppo["gold_reward_stderr"]
@@ -30,7 +30,7 @@ def test_critic_free_methods_run(tmp_path, algo):
   run_python(["-m", "rlhf_jax.main", f"--config=experiments/ppo/review_world.py:runlocal,"
               f"algo={algo},reward=gold", f"--workdir={tmp_path}", "--config.ppo.iterations=2",
               "--config.sft.steps=20", "--config.eval.prompts=8"])
-  results = json.loads((tmp_path / "results.json").read_text())
+  results = json.loads((tmp_path / "results.json").read_text())["evaluation"]
   assert results[algo]["samples"] == 16
   logged = [json.loads(l) for l in (tmp_path / algo / "metrics.jsonl").read_text().splitlines()]
   assert len(logged) == 2 and all(m["skipped"] == 0 for m in logged)

@@ -8,8 +8,9 @@ import optax
 import pytest
 
 from conftest import ragged_pairs, run_python
-from rlhf_jax import data, models, parallel
+from rlhf_jax import data, models, objectives, parallel
 from rlhf_jax.train import preference as pref
+from rlhf_jax.train import scoring
 from rlhf_jax.train import step as step_lib
 
 PROMPT, RESPONSE = 6, 5
@@ -28,12 +29,12 @@ def setup():
 
 def test_shared_prefix_logps_and_grads_match_unshared(setup):
   module, params, pairs, tok = setup
-  shared = pref.collate_pairs(pairs, tok, True)
-  unshared = pref.collate_pairs(pairs, tok, False)
+  shared = scoring.collate_pairs(pairs, tok, True)
+  unshared = scoring.collate_pairs(pairs, tok, False)
   assert shared["ids"].shape == (6, PROMPT + 2 * RESPONSE)
 
   def total(p, batch, is_shared):
-    s_c, s_r, n_c, n_r = pref.pair_logps(module, p, batch, prompt_len=PROMPT,
+    s_c, s_r, n_c, n_r = scoring.pair_logps(module, p, batch, prompt_len=PROMPT,
                                          shared_prefix=is_shared)
     return jnp.sum(s_c) - 2 * jnp.sum(s_r), (s_c, s_r, n_c, n_r)
 
@@ -49,7 +50,7 @@ def test_shared_prefix_logps_and_grads_match_unshared(setup):
     for resp, got in ((p.chosen, a[0][i]), (p.rejected, a[1][i])):
       seq = np.concatenate([p.prompt, resp])[None]
       logits = module.apply({"params": params}, seq)
-      lp = models.token_logprobs(logits[:, :-1], seq[:, 1:])[0, len(p.prompt) - 1:]
+      lp = objectives.token_logprobs(logits[:, :-1], seq[:, 1:])[0, len(p.prompt) - 1:]
       np.testing.assert_allclose(got, float(jnp.sum(lp)), atol=1e-5)
 
 
@@ -71,11 +72,11 @@ def test_kto_mismatched_rows_are_the_shifted_examples_and_sum_logps(setup):
   np.testing.assert_array_equal(kl_ids, want.input_ids)
   np.testing.assert_array_equal(kl_mask, want.attention_mask)
   np.testing.assert_array_equal(kl_loss, want.loss_mask)
-  sums, counts = pref.response_sums(module, params, kl_ids, kl_mask, kl_loss, PROMPT)
+  sums, counts = scoring.response_sums(module, params, kl_ids, kl_mask, kl_loss, PROMPT)
   for i, e in enumerate(shifted):
     seq = np.concatenate([e.prompt, e.completion])[None]
     logits = module.apply({"params": params}, seq)
-    lp = models.token_logprobs(logits[:, :-1], seq[:, 1:])[0, len(e.prompt) - 1:]
+    lp = objectives.token_logprobs(logits[:, :-1], seq[:, 1:])[0, len(e.prompt) - 1:]
     np.testing.assert_allclose(sums[i], float(jnp.sum(lp)), atol=1e-5)
     assert counts[i] == len(e.completion)
 
@@ -102,7 +103,7 @@ def test_stream_successors_follow_the_data_iterator(processes, local):
 
 
 def _dpo_cfg(**kw):
-  cfg = pref.default_dpo_config()
+  cfg = pref.default_config()
   cfg.update(kw)
   return cfg
 
@@ -115,14 +116,14 @@ def test_precomputed_reference_gives_the_same_losses_as_the_model(setup):
   losses = {}
   for mode in ("model", "precomputed"):
     cfg = _dpo_cfg(reference=mode, batch_size=6)
-    batch = pref.collate_pairs(pairs, tok, False)
+    batch = scoring.collate_pairs(pairs, tok, False)
     extra = ()
     state = {"params": policy, "opt": tx.init(policy), "step": jnp.zeros((), jnp.int32),
              "rng": jax.random.key_data(jax.random.key(0))}
     if mode == "model":
       state["ref"], extra = params, ("ref",)
     else:
-      ref_c, ref_r = pref.score_pairs(module, params, pairs, tok, mesh, 6, False)
+      ref_c, ref_r = scoring.score_pairs(module, params, pairs, tok, mesh, 6, False)
       batch = {**batch, "ref_chosen": ref_c, "ref_rejected": ref_r}
     step = jax.jit(step_lib.make_train_step(pref.preference_loss_fn(module, cfg, PROMPT), tx,
                                             state_extra=extra))

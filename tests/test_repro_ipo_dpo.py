@@ -20,7 +20,7 @@ def test_pairs_and_ipo_prediction():
 
 
 def test_runlocal_end_to_end(tmp_path):
-  run_python(["-m", "experiments.ipo_vs_dpo.run",
+  run_python(["-m", "rlhf_jax.main",
               "--config=experiments/ipo_vs_dpo/config.py:runlocal", f"--workdir={tmp_path}"])
   for name in ("ipo_vs_dpo.png", "results.md", "results.json"):
     assert (tmp_path / name).stat().st_size > 0, name

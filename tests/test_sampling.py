@@ -370,7 +370,7 @@ def test_best_of_n_frequencies_match_exact_distribution(tiny):
 
 
 def test_sharded_sampling_matches_single_device():
-  out = run_python(["tests/sampling_sharded.py"])
+  out = run_python(["tests/helpers/sampling_sharded.py"])
   report = json.loads(out.strip().splitlines()[-1])
   assert 0 < report["finished"] < 8  # EOS really ends some rows early.
   assert {c["preset"] for c in report["cases"]} == {"replicated", "fsdp", "fsdp_tensor"}

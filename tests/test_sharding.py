@@ -9,7 +9,7 @@ from rlhf_jax.parallel import mesh_shape
 
 @pytest.fixture(scope="module")
 def report():
-  out = run_python(["tests/sharded_equivalence.py"])
+  out = run_python(["tests/helpers/sharded_equivalence.py"])
   return json.loads(out.strip().splitlines()[-1])
 
 

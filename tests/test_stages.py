@@ -14,6 +14,7 @@ from rlhf_jax import models, parallel
 from rlhf_jax.train import loop as loop_lib
 from rlhf_jax.train import metrics as metrics_lib
 from rlhf_jax.train import reward as reward_lib
+from rlhf_jax.train import scoring
 from rlhf_jax.train import state as state_lib
 from rlhf_jax.train import step as step_lib
 from rlhf_jax.train.sft import sft_loss_fn
@@ -30,14 +31,16 @@ def _main(*args, timeout=120):
     ("--config.model.d_model=1.5", "d_model"),
 ])
 def test_cli_rejects_bad_config_keys_and_types(tmp_path, override, message):
-  proc = _main("--config=experiments/quickstart.py:runlocal", f"--workdir={tmp_path}", override)
+  workdir = tmp_path / "run"
+  proc = _main("--config=experiments/quickstart/config.py:runlocal", f"--workdir={workdir}",
+               override)
   assert proc.returncode != 0
   assert message in proc.stderr, proc.stderr[-2000:]
-  assert not (tmp_path / "checkpoints").exists()
+  assert not workdir.exists()  # Refused before anything is written.
 
 
 def test_cli_rejects_unknown_config_argument(tmp_path):
-  proc = _main("--config=experiments/quickstart.py:runlokal", f"--workdir={tmp_path}")
+  proc = _main("--config=experiments/quickstart/config.py:runlokal", f"--workdir={tmp_path}")
   assert proc.returncode != 0
   assert "unknown config argument 'runlokal'" in proc.stderr, proc.stderr[-2000:]
 
@@ -123,11 +126,11 @@ def test_ensemble_step_equals_each_member_alone_and_heads_normalise(tiny):
       np.testing.assert_allclose(a, b, atol=1e-6)
   # Members start from different heads, so they disagree: the ensemble has a spread.
   ids = batch["chosen_ids"][0]
-  rewards = np.asarray(reward_lib.ensemble_rewards(module, new["params"], ids,
+  rewards = np.asarray(scoring.ensemble_rewards(module, new["params"], ids,
                                                    np.ones_like(ids)))
   assert rewards.shape == (k, 4) and rewards.std(0).min() > 0
   normed, mean, std = reward_lib.normalize_heads(new["params"], rewards)
-  after = np.asarray(reward_lib.ensemble_rewards(module, normed, ids, np.ones_like(ids)))
+  after = np.asarray(scoring.ensemble_rewards(module, normed, ids, np.ones_like(ids)))
   np.testing.assert_allclose(after.mean(1), 0.0, atol=1e-5)
   np.testing.assert_allclose(after.std(1), 1.0, atol=1e-4)
 

@@ -13,14 +13,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rlhf_jax import models, parallel  # noqa: E402
+from rlhf_jax import models, objectives, parallel  # noqa: E402
 
 CASES = [("replicated", {"data": 8}), ("fsdp", {"data": 2, "fsdp": 4}), ("fsdp", {"fsdp": 8}),
          ("fsdp_tensor", {"fsdp": 2, "tensor": 4}), ("fsdp_tensor", {"fsdp": 8, "tensor": 1})]
 
 
 def loss_fn(module, params, ids, mask):
-  logp = models.token_logprobs(module.apply({"params": params}, ids, mask)[:, :-1], ids[:, 1:])
+  logp = objectives.token_logprobs(module.apply({"params": params}, ids, mask)[:, :-1], ids[:, 1:])
   weights = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
   return -jnp.sum(logp * weights) / jnp.sum(weights)
 

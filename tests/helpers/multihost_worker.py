@@ -10,6 +10,7 @@ gold reward, KL), then 1 PPO iteration on the gold reward with the held-out SFT 
 Process 0 joins through config.distributed, process 1 through $RLHF_JAX_COORDINATOR. With 2
 processes it also checks the pod mesh's layout. Prints one JSON line.
 """
+import dataclasses
 import json
 import os
 import sys
@@ -43,13 +44,12 @@ assert jax.process_index() == PROCESS_ID and jax.device_count() == 8
 import numpy as np  # noqa: E402
 
 from rlhf_jax import eval as eval_lib  # noqa: E402
-from rlhf_jax import parallel  # noqa: E402
-from rlhf_jax.train import ppo, preference, task as task_lib  # noqa: E402
+from rlhf_jax import parallel, rng  # noqa: E402
+from rlhf_jax.train import pipeline, preference, rl  # noqa: E402
 
 
 def make_config():
-  c = configs.review_world_base(runlocal=True)
-  configs.add_review_world_stages(c, runlocal=True)
+  c = pipeline.review_world_config(runlocal=True)
   c.model.update(d_model=32, n_layers=1, n_heads=4, mlp_dim=64)
   c.mesh.update(data=2, fsdp=4, tensor=1)
   c.mesh.dcn.data = NUM_PROCESSES
@@ -94,31 +94,30 @@ def pod_mesh_report():
 
 def main():
   config = make_config()
-  task = task_lib.build_task(config.task)
   out = {"process": PROCESS_ID, "process_seed": distributed.process_seed(0)}
   if NUM_PROCESSES > 1:
     out["pod_mesh"] = pod_mesh_report()
   dpo_dir = os.path.join(WORKDIR, "dpo")
-  module, params, results = preference.run_preference(config, dpo_dir, task=task)
-  out["dpo_results"] = results
+  dpo = preference.run(config, dpo_dir)
+  module, params, task = dpo.module, dpo.params, dpo.task
+  out["dpo_results"] = dpo.metrics
   out["dpo_params"] = checksum(params)
   out["dpo_checkpoints"] = sorted(int(s) for s in os.listdir(os.path.join(dpo_dir, "checkpoints"))
                                   if s.isdigit())
   # Resume: the finished run restores step 5 on every process and trains no further.
-  _, resumed, resumed_results = preference.run_preference(config, dpo_dir, task=task)
+  again = preference.run(config, dpo_dir)
+  resumed = again.params
   out["resumed_params"] = checksum(resumed)
-  out["resumed_results"] = resumed_results
+  out["resumed_results"] = again.metrics
 
   mesh = parallel.make_mesh(config.mesh.to_dict())
-  prompts = task.world.sample_prompts(config.eval.prompts, seed=12)
+  prompts = task.world.sample_prompts(config.eval.prompts, seed=rng.prompt_seed("heldout"))
   out["eval"] = eval_lib.evaluate_policy(
       module, params, prompts, world=task.world, cfg=config.sampling, tok=task.tokenize_config,
       mesh=mesh, rules=config.sharding, key=jax.random.key(4), ref_params=resumed, k=1)
 
   ppo_dir = os.path.join(WORKDIR, "ppo")
-  _, ppo_params, _ = ppo.run_ppo(config, ppo_dir, task=task, policy=(module, params),
-                                 sft_eval_examples=task_lib.sft_examples(task, config.task,
-                                                                         "eval"))
+  ppo_params = rl.run(config, ppo_dir, dpo).params
   out["ppo_params"] = checksum(ppo_params)
 
   # KTO: the batch-KL rows pair each example with the next example of the data stream (built
@@ -128,11 +127,11 @@ def main():
   kto_config = make_config().unlock()
   kto_config.dpo.update(loss="kto", reference="model", shared_prefix=False, steps=3,
                         eval_every=3)
-  _, kto_params, kto_results = preference.run_preference(
-      configs.lock(kto_config), os.path.join(WORKDIR, "kto"), task=task,
-      policy=(module, ppo_params), reference=params)
-  out["kto_params"] = checksum(kto_params)
-  out["kto_results"] = kto_results
+  start = dataclasses.replace(dpo, params=ppo_params)
+  kto = preference.run(configs.lock(kto_config), os.path.join(WORKDIR, "kto"), start,
+                       reference=params)
+  out["kto_params"] = checksum(kto.params)
+  out["kto_results"] = kto.metrics
   if distributed.is_main_process():
     out["dpo_metrics"] = read_metrics(os.path.join(dpo_dir, "metrics.jsonl"))
     out["ppo_metrics"] = read_metrics(os.path.join(ppo_dir, "metrics.jsonl"))

@@ -28,7 +28,7 @@ if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 from rlhf_jax import models, parallel  # noqa: E402
-from rlhf_jax.train import ppo, preference, reward, state as state_lib  # noqa: E402
+from rlhf_jax.train import ppo, preference, reward, rl, state as state_lib  # noqa: E402
 from rlhf_jax.train import step as step_lib  # noqa: E402
 
 STEPS, ROWS, PROMPT, RESPONSE, VOCAB = 5, 8, 6, 10, 128
@@ -89,11 +89,12 @@ def objective(kind):
     return module, step_lib.make_train_step(loss, tx), ()
   if kind == "dpo":
     module = models.build_model(MODEL, "policy")
-    cfg = preference.default_dpo_config()
+    cfg = preference.default_config()
     loss = preference.preference_loss_fn(module, cfg, PROMPT)
     return module, step_lib.make_train_step(loss, tx, state_extra=("ref",)), ("ref",)
   module = models.build_model(MODEL, "policy_value")
-  cfg = ppo.default_ppo_config()
+  cfg = rl.default_config()
+  cfg.value = "head"  # The critic is the value head on the policy_value module.
   loss = ppo.ppo_loss_fn(module, None, cfg, PROMPT)
   step = step_lib.make_train_step(lambda p, b, rng, k: loss({"policy": p}, b, rng, k), tx,
                                   state_extra=("kl_coef",))
