@@ -116,8 +116,14 @@ def base_config(*, size: str = "tiny") -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1,
                                           dcn=dict(data=1, fsdp=1, tensor=1)))
   c.sharding = "fsdp"
+  # The host loop (train/loop.py). max_loss / max_update_norm: a step whose |loss| or applied
+  # update norm exceeds them stops the run before that state is checkpointed (0 = off). The
+  # defaults are loop.DEFAULT_MAX_LOSS / DEFAULT_MAX_UPDATE_NORM, justified there: far above
+  # healthy runs (an Adam update's norm is ~lr * sqrt(#params): ~260 for 70B at lr 1e-3), far
+  # below an explosion (lr = 1e30).
   c.run = ml_collections.ConfigDict(dict(log_every=10, checkpoint_every=100,
-                                         keep_checkpoints=2, max_nonfinite=5))
+                                         keep_checkpoints=2, max_nonfinite=5,
+                                         max_loss=1e6, max_update_norm=1e4))
   # Multi-host (parallel.distributed.initialize): off unless a coordinator is given here or in
   # $RLHF_JAX_COORDINATOR, or enabled=True (JAX detects the cluster: TPU pod, SLURM, ...).
   c.distributed = ml_collections.ConfigDict(dict(

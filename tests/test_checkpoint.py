@@ -1,6 +1,8 @@
-"""Checkpointer: round trip, keep-k, fallback past corrupt steps, non-finite refusal, a
-different mesh on restore (subprocess, 8 simulated devices), SIGTERM -> save -> resume."""
+"""Checkpointer: round trip, keep-k, fallback past corrupt steps, non-finite refusal, integrity
+manifests (a flipped byte is caught, the step moved aside, not deleted), a different mesh on
+restore (subprocess, 8 simulated devices), SIGTERM -> save -> resume."""
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -10,18 +12,20 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from conftest import REPO_ROOT, run_python
 from rlhf_jax.train import checkpoint as ckpt_lib
-from rlhf_jax.train.checkpoint import (Checkpointer, CheckpointRestoreError, NonFiniteStateError,
-                                       PreemptionGuard, abstract_like)
+from rlhf_jax.train.checkpoint import (INTEGRITY_FILE, Checkpointer, CheckpointRestoreError,
+                                       NonFiniteStateError, PreemptionGuard, abstract_like)
 from rlhf_jax.train.metrics import MetricWriter
 
 TX = optax.adam(1e-2)
@@ -188,8 +192,11 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog, corruption):
     assert_bitwise_equal(restored, states[2])
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("step 3" in w and "unusable" in w for w in warnings), warnings
-    # The unusable step is gone, so the resumed run can checkpoint step 3 again.
+    # The unusable step left the directory (moved aside, not deleted), so the resumed run can
+    # checkpoint step 3 again.
     assert ckpt.steps == [1, 2]
+    (moved,) = _quarantined(tmp_path)
+    assert moved.name.startswith("3-") and (moved / "QUARANTINE_REASON.txt").exists()
     assert ckpt.maybe_save(3, make_state(33), {"at": 33})
   with Checkpointer(tmp_path, save_every=1, keep=5) as ckpt:
     step, restored, extra = ckpt.restore_latest(abstract_like(make_state(0)))
@@ -198,24 +205,193 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog, corruption):
 
 
 def test_falls_back_over_several_bad_steps(tmp_path, caplog):
-  states = save_steps(tmp_path, [1, 2, 3, 4])
-  CORRUPTIONS["deleted_commit_marker"](tmp_path / "4")
+  states = save_steps(tmp_path, [1, 2, 3, 4, 5])
+  CORRUPTIONS["deleted_commit_marker"](tmp_path / "5")
+  CORRUPTIONS["truncated_data_file"](tmp_path / "4")       # Caught by the manifest.
+  (tmp_path / "3" / INTEGRITY_FILE).unlink()               # Unverified: orbax must notice.
   CORRUPTIONS["truncated_data_file"](tmp_path / "3")
   with caplog.at_level(logging.WARNING), Checkpointer(tmp_path, save_every=1, keep=5) as ckpt:
     step, restored, _ = ckpt.restore_latest(abstract_like(make_state(0)))
   assert step == 2
   assert_bitwise_equal(restored, states[2])
   text = caplog.text
-  assert "step 4" in text and "commit marker" in text
+  assert "step 5" in text and "commit marker" in text
+  assert "step 4" in text and "integrity check failed" in text and "truncated" in text
   assert "step 3" in text and "restore failed" in text
+  assert sorted(p.name for p in _quarantined(tmp_path)) == ["3-unreadable", "4-corrupt",
+                                                            "5-uncommitted"]
 
 
-def test_only_checkpoint_uncommitted_means_fresh_start(tmp_path):
+def test_only_checkpoint_uncommitted_means_fresh_start(tmp_path, caplog):
   save_steps(tmp_path, [5])
   CORRUPTIONS["deleted_commit_marker"](tmp_path / "5")
-  with Checkpointer(tmp_path, save_every=1, keep=5) as ckpt:
+  with caplog.at_level(logging.WARNING), Checkpointer(tmp_path, save_every=1, keep=5) as ckpt:
     assert ckpt.restore_latest(abstract_like(make_state(0))) is None
     assert ckpt.maybe_save(1, make_state(1), {})  # Not blocked by the leftover step 5.
+  assert "never committed" in caplog.text and "starting from scratch" in caplog.text
+  (moved,) = _quarantined(tmp_path)  # Moved aside, not deleted.
+  assert moved.name == "5-uncommitted" and (moved / "state").is_dir()
+
+
+# --- Integrity manifests.
+
+
+def _quarantined(directory):
+  q = pathlib.Path(f"{directory}.quarantine")
+  return sorted(q.iterdir()) if q.exists() else []
+
+
+def _largest_file(step_dir):
+  """The largest array data file (tensorstore's OCDBT puts them in .../d/)."""
+  return max((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
+             key=lambda p: p.stat().st_size)
+
+
+def flip_byte(path, offset=None):
+  data = bytearray(path.read_bytes())
+  offset = len(data) // 2 if offset is None else offset
+  data[offset] ^= 0x01
+  path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_every_step_gets_a_manifest_of_its_files(tmp_path, async_save):
+  with Checkpointer(tmp_path, save_every=1, keep=2, async_save=async_save) as ckpt:
+    for step in (1, 2, 3):
+      assert ckpt.maybe_save(step, make_state(step), {"at": step})
+  for step in (2, 3):  # Step 1 went to keep-k.
+    step_dir = tmp_path / str(step)
+    manifest = json.loads((step_dir / INTEGRITY_FILE).read_text())
+    listed = set(manifest["files"])
+    on_disk = {str(p.relative_to(step_dir)) for item in ("state", "extra")
+               for p in (step_dir / item).rglob("*") if p.is_file()}
+    assert listed == on_disk and any(n.startswith("state/d/") for n in listed)
+    assert "extra/metadata" in listed
+    for name, entry in manifest["files"].items():
+      data = (step_dir / name).read_bytes()
+      assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+  assert not list(tmp_path.rglob(f"{INTEGRITY_FILE}.tmp"))
+
+
+def test_manifest_follows_the_commit_without_a_wait(tmp_path):
+  """The loop calls maybe_save every step: once orbax has committed an async save, a later
+  call starts its manifest, without waiting for the next save or the end of the run."""
+  with Checkpointer(tmp_path, save_every=100, keep=2) as ckpt:
+    assert ckpt.maybe_save(100, make_state(1), {})
+    step, manifest, deadline = 101, tmp_path / "100" / INTEGRITY_FILE, time.time() + 60
+    while not manifest.exists() and time.time() < deadline:
+      ckpt.maybe_save(step, make_state(1), {})  # Not due: polls and returns.
+      step += 1
+      time.sleep(0.01)
+    assert manifest.exists()
+
+
+def test_flipped_byte_falls_back_and_is_moved_aside(tmp_path, caplog):
+  states = save_steps(tmp_path, [1, 2, 3])
+  target = _largest_file(tmp_path / "3")
+  flip_byte(target)
+  name = str(target.relative_to(tmp_path / "3"))
+  with caplog.at_level(logging.WARNING), Checkpointer(tmp_path, save_every=1, keep=5) as ckpt:
+    step, restored, extra = ckpt.restore_latest(abstract_like(make_state(0)))
+    assert (step, extra) == (2, {**EXTRA, "at": 2})
+    assert_bitwise_equal(restored, states[2])
+    assert ckpt.steps == [1, 2]
+  warning = next(r.getMessage() for r in caplog.records if "step 3" in r.getMessage()
+                 and "unusable" in r.getMessage())
+  assert name in warning and "sha256" in warning, warning
+  (moved,) = _quarantined(tmp_path)
+  assert moved.name == "3-corrupt"
+  assert not target.exists() and (moved / name).exists()  # Moved with its bytes.
+  assert name in (moved / "QUARANTINE_REASON.txt").read_text()
+  assert f"moved unusable checkpoint step 3 to {moved}".lower() in caplog.text.lower()
+
+
+def test_step_without_manifest_is_restored_unverified(tmp_path, caplog):
+  states = save_steps(tmp_path, [1, 2])
+  (tmp_path / "2" / INTEGRITY_FILE).unlink()  # E.g. saved by an older version.
+  with caplog.at_level(logging.WARNING), Checkpointer(tmp_path, save_every=1, keep=5) as ckpt:
+    step, restored, _ = ckpt.restore_latest(abstract_like(make_state(0)))
+  assert step == 2
+  assert_bitwise_equal(restored, states[2])
+  assert "step 2" in caplog.text and "restored unverified" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["garbled", "wrong_size", "missing_file"])
+def test_damaged_manifest_or_listed_file_is_corrupt(tmp_path, caplog, damage):
+  save_steps(tmp_path, [1, 2])
+  manifest_path = tmp_path / "2" / INTEGRITY_FILE
+  manifest = json.loads(manifest_path.read_text())
+  name = sorted(manifest["files"])[0]
+  if damage == "garbled":
+    manifest_path.write_text(manifest_path.read_text()[:40])
+  elif damage == "wrong_size":
+    manifest["files"][name]["size"] += 1
+    manifest_path.write_text(json.dumps(manifest))
+  else:
+    manifest["files"]["state/d/not_there"] = {"size": 1, "sha256": "0" * 64}
+    manifest_path.write_text(json.dumps(manifest))
+  with caplog.at_level(logging.WARNING), Checkpointer(tmp_path, save_every=1, keep=5) as ckpt:
+    assert ckpt.restore_latest(abstract_like(make_state(0)))[0] == 1
+  expected = {"garbled": "unreadable", "wrong_size": name, "missing_file": "not_there"}[damage]
+  assert expected in caplog.text
+  assert [p.name for p in _quarantined(tmp_path)] == ["2-corrupt"]
+
+
+def test_restored_non_finite_state_is_corrupt(tmp_path, caplog):
+  """maybe_save never writes a NaN, so one read back means the bytes changed (here written
+  behind its back, without a manifest, as an older checkpoint could be)."""
+  states = save_steps(tmp_path, [1])
+  bad = make_state(2)
+  bad["params"]["dense"]["bias"] = bad["params"]["dense"]["bias"].at[0].set(jnp.nan)
+  with Checkpointer(tmp_path, save_every=1, keep=5) as ckpt:
+    ckpt._manager.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave(bad),
+                                                  extra=ocp.args.JsonSave({})))
+    ckpt._manager.wait_until_finished()
+  with caplog.at_level(logging.WARNING), Checkpointer(tmp_path, save_every=1, keep=5) as ckpt:
+    step, restored, _ = ckpt.restore_latest(abstract_like(make_state(0)))
+  assert step == 1
+  assert_bitwise_equal(restored, states[1])
+  assert "NaN/Inf" in caplog.text and "params/dense/bias" in caplog.text
+  assert [p.name for p in _quarantined(tmp_path)] == ["2-corrupt"]
+
+
+def test_check_extra_rejection_falls_back(tmp_path, caplog):
+  save_steps(tmp_path, [1, 2])
+
+  def check(extra):
+    if extra["at"] == 2:
+      raise ValueError("data_position out of range")
+
+  with caplog.at_level(logging.WARNING), Checkpointer(tmp_path, save_every=1, keep=5) as ckpt:
+    step, _, extra = ckpt.restore_latest(abstract_like(make_state(0)), check_extra=check)
+  assert (step, extra["at"]) == (1, 1)
+  assert "step 2" in caplog.text and "data_position out of range" in caplog.text
+  assert [p.name for p in _quarantined(tmp_path)] == ["2-invalid-extra"]
+
+
+def test_every_commit_marker_missing_is_an_error_and_nothing_moves(tmp_path):
+  save_steps(tmp_path, [1, 2, 3])
+  for step in (1, 2, 3):
+    CORRUPTIONS["deleted_commit_marker"](tmp_path / str(step))
+  with Checkpointer(tmp_path, save_every=1, keep=5) as ckpt:
+    with pytest.raises(CheckpointRestoreError,
+                       match=r"(?s)step 3: commit marker.*3 steps lack their commit marker.*"
+                       r"Nothing was moved or deleted.*move .* aside"):
+      ckpt.restore_latest(abstract_like(make_state(0)))
+    assert ckpt.steps == [1, 2, 3]
+  assert _quarantined(tmp_path) == []
+
+
+def test_no_usable_step_is_an_error_and_nothing_moves(tmp_path):
+  save_steps(tmp_path, [1, 2])
+  for step in (1, 2):
+    flip_byte(_largest_file(tmp_path / str(step)))
+  with Checkpointer(tmp_path, save_every=1, keep=5) as ckpt:
+    with pytest.raises(CheckpointRestoreError, match=r"(?s)step 2: integrity check failed.*"
+                       r"step 1: integrity check failed.*Nothing was moved"):
+      ckpt.restore_latest(abstract_like(make_state(0)))
+    assert ckpt.steps == [1, 2]
+  assert _quarantined(tmp_path) == []
 
 
 def test_restore_onto_a_different_mesh(tmp_path):
@@ -264,6 +440,27 @@ def test_preemption_on_one_host_stops_and_saves_on_all(tmp_path):
   for r in reports:
     assert r["restored_step"] == step and r["extra"] == {"step": step}
     assert r["local_values"] == [10.0 * step + r["process"]] * 4  # Each host's own shard.
+
+
+def test_corrupt_step_on_a_multi_host_job_falls_back_on_every_host(tmp_path):
+  """Two processes (G8): process 0 verifies, both agree, both restore the previous step."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = [subprocess.Popen(
+      ["timeout", "90", sys.executable, "tests/helpers/checkpoint_integrity_multiprocess.py",
+       str(i), str(port), str(tmp_path / "ckpt")], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=120) for p in procs]
+  for p, (out, err) in zip(procs, outputs):
+    assert p.returncode == 0, f"exit {p.returncode}\nSTDOUT:\n{out[-3000:]}\nSTDERR:\n{err[-6000:]}"
+  reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+  assert "integrity check failed: file state/" in outputs[0][1]
+  for r in reports:
+    assert r["manifests"] == ["1", "2", "3"]
+    assert r["restored_step"] == 2 and r["extra"] == {"step": 2} and r["steps"] == [1, 2]
+    assert r["local_values"] == [20.0 + r["process"]]  # Each host's own shard of step 2.
+    assert r["quarantined"] == ["3-corrupt"]
 
 
 # --- The loop protocol end to end: straight through vs preempted (SIGTERM) and hard-killed.

@@ -157,3 +157,16 @@ def test_non_finite_guard_state_round_trip():
   with pytest.raises(ValueError, match="max_consecutive must be >= 1"):
     NonFiniteGuard(0)
   assert math.isclose(resumed.skipped_total, 2)
+
+
+def test_non_finite_guard_reset_and_corrupt_state():
+  guard = NonFiniteGuard(max_consecutive=2)
+  guard.update(1, False)
+  guard.reset()  # E.g. the optimiser changed on resume: the streak restarts, the total stays.
+  assert (guard.consecutive, guard.skipped_total) == (0, 1)
+  guard.update(2, False)  # 1 in a row: no error.
+  for bad in ({"consecutive": 1}, {"consecutive": "1", "skipped_total": 2},
+              {"consecutive": 3, "skipped_total": 2}, {"consecutive": -1, "skipped_total": 0},
+              {"consecutive": True, "skipped_total": 1}, None):
+    with pytest.raises(ValueError, match="non-finite guard state"):
+      NonFiniteGuard(2).load_state_dict(bad)

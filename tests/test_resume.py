@@ -1,5 +1,6 @@
 """Exact resume: runs killed with SIGKILL or preempted with SIGTERM, then relaunched, end with
-the same metrics.jsonl and bitwise-equal params as a run straight through."""
+the same metrics.jsonl and bitwise-equal params as a run straight through; so does a run whose
+newest checkpoint had one byte flipped (it falls back to the previous checkpoint)."""
 import json
 import os
 import pathlib
@@ -42,11 +43,11 @@ def _checkpoints(workdir) -> list[int]:
   return sorted(int(p.name) for p in d.glob("*") if p.name.isdigit()) if d.exists() else []
 
 
-def _interrupt(workdir, sig):
-  """Starts a run, sends `sig` once its first checkpoint is on disk; returns (code, output)."""
+def _interrupt(workdir, sig, checkpoints=1):
+  """Starts a run, sends `sig` once `checkpoints` are on disk; returns (code, output)."""
   proc = _launch(workdir)
   deadline = time.time() + 240
-  while not _checkpoints(workdir):
+  while len(_checkpoints(workdir)) < checkpoints:
     if proc.poll() is not None or time.time() > deadline:
       pytest.fail(f"run ended before its first checkpoint:\n{proc.communicate()[0][-3000:]}")
     time.sleep(0.02)
@@ -103,3 +104,29 @@ def test_sigterm_saves_then_relaunch_resumes_exactly(straight, tmp_path):
   code, out = _finish(_launch(tmp_path))
   assert code == 0, out[-3000:]
   _assert_same_run(tmp_path, straight)
+
+
+def test_flipped_byte_in_newest_checkpoint_resumes_from_previous(straight, tmp_path):
+  code, out = _interrupt(tmp_path, signal.SIGTERM, checkpoints=2)
+  assert code == 143, out[-2000:]
+  *_, previous, newest = _checkpoints(tmp_path)
+  assert newest < STEPS
+  step_dir = pathlib.Path(tmp_path) / "sft" / "checkpoints" / str(newest)
+  assert (step_dir / "integrity.json").exists()  # Written once the forced save committed.
+  # One flipped bit in the largest array file (tensorstore's OCDBT data files live in .../d/).
+  target = max((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
+               key=lambda p: p.stat().st_size)
+  name = str(target.relative_to(step_dir))
+  data = bytearray(target.read_bytes())
+  data[len(data) // 2] ^= 0x01
+  target.write_bytes(bytes(data))
+
+  code, out = _finish(_launch(tmp_path))
+  assert code == 0, out[-3000:]
+  failure = next(line for line in out.splitlines() if f"step {newest}" in line and "unusable" in line)
+  assert name in failure and "sha256" in failure, failure
+  assert f"resumed from step {previous}" in out, out[-3000:]
+  _assert_same_run(tmp_path, straight)
+  moved = pathlib.Path(tmp_path) / "sft" / "checkpoints.quarantine" / f"{newest}-corrupt"
+  assert (moved / name).read_bytes() == bytes(data)  # Moved aside with its bytes, not deleted.
+  assert f"Moved unusable checkpoint step {newest} to {moved}" in out

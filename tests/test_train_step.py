@@ -105,13 +105,33 @@ def test_train_step_skips_non_finite_updates(tiny_lm):
   bad = {**batch, "scale": np.full((8,), np.inf, np.float32)}
   new, metrics = step(state, bad)
   assert int(metrics["skipped"]) == 1 and int(new["step"]) == 1
+  assert float(metrics["update_norm"]) == 0.0  # Nothing was applied.
   chex.assert_trees_all_equal(new["params"], params)
   chex.assert_trees_all_equal(new["opt"], state["opt"])
+  before = jax.tree.map(np.asarray, new["params"])
   new, metrics = step(new, batch)
   assert int(metrics["skipped"]) == 0
+  # The norm of the update applied: the parameters' change.
+  delta = np.sqrt(sum(np.sum(np.square(np.asarray(a, np.float64) - b)) for a, b in
+                      zip(jax.tree.leaves(new["params"]), jax.tree.leaves(before))))
+  assert metrics["update_norm"].dtype == jnp.float32
+  np.testing.assert_allclose(float(metrics["update_norm"]), delta, rtol=1e-4)
   assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(new["params"]))
   assert not all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(new["params"]),
                                                       jax.tree.leaves(params)))
+
+
+def test_update_norm_of_an_exploding_lr_is_inf_not_nan(tiny_lm):
+  """lr = 1e30 leaves finite params (|p| ~ 1e30) that no NaN check catches; the update norm
+  (float32 squares overflow) reads Inf, which the loop's bound refuses."""
+  module, params = tiny_lm
+  tx = optax.adam(1e30)
+  step = jax.jit(step_lib.make_train_step(sft_loss_fn(module), tx))
+  state = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
+           "rng": jax.random.key_data(jax.random.key(0))}
+  new, metrics = step(state, _uneven_batch())
+  assert int(metrics["skipped"]) == 0 and float(metrics["update_norm"]) == np.inf
+  assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(new["params"]))
 
 
 def test_schedule_warmup_then_cosine_and_linear():

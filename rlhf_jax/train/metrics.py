@@ -27,7 +27,8 @@ replicated metrics.
 whose loss or gradients are not finite (e.g. `optax.apply_if_finite` or a `jnp.where` on the
 update) and reports `is_finite`; the guard counts skipped updates and stops the run with a clear
 `NonFiniteError` after `max_consecutive` in a row, since by then the run has diverged rather
-than hit a one-off bad batch.
+than hit a one-off bad batch. (Finite explosions are train/loop.py's bounds on the loss and the
+update norm.)
 """
 import json
 import math
@@ -212,12 +213,26 @@ class NonFiniteGuard:
           "stopping. The last checkpoint holds finite values: lower the learning rate, check "
           "the data, or compute the loss in float32.")
 
+  def reset(self) -> None:
+    """Restarts the consecutive count (e.g. the optimiser changed on resume: the streak of
+    skipped updates says nothing about the new one); the total is the run's history, kept."""
+    self.consecutive = 0
+
   def state_dict(self) -> dict[str, int]:
     return {"consecutive": self.consecutive, "skipped_total": self.skipped_total}
 
   def load_state_dict(self, state: Mapping[str, int]) -> None:
-    self.consecutive = int(state["consecutive"])
-    self.skipped_total = int(state["skipped_total"])
+    """Raises ValueError for anything but integers 0 <= consecutive <= skipped_total (a
+    corrupt checkpoint), so the caller can fall back instead of counting from garbage."""
+    try:
+      consecutive, total = state["consecutive"], state["skipped_total"]
+    except (KeyError, TypeError) as e:
+      raise ValueError(f"non-finite guard state {state!r} lacks {e}") from None
+    if (not all(isinstance(v, int) and not isinstance(v, bool) for v in (consecutive, total))
+        or not 0 <= consecutive <= total):
+      raise ValueError(f"non-finite guard state {dict(state)!r}: expected integers "
+                       "0 <= consecutive <= skipped_total")
+    self.consecutive, self.skipped_total = consecutive, total
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -226,16 +241,21 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+# Bookkeeping, not curves: the step's example count and the skip counters.
+_NOT_PLOTTED = ("step", "count", "skipped", "skipped_total")
+
+
 def plot_curves(workdir: str | os.PathLike, *, title: str = "",
-                max_panels: int = 24) -> str | None:
+                max_panels: int = 28) -> str | None:
   """Draws every metric of workdir/metrics.jsonl against the step into workdir/curves.png
-  (loss and held-out metrics first); returns its path, or None when nothing was logged. Drawn
-  on an Agg canvas without pyplot, so no global backend is touched."""
+  (loss and held-out metrics first, bookkeeping left out); returns its path, or None when
+  nothing was logged. Drawn on an Agg canvas without pyplot, so no global backend is
+  touched."""
   path = os.path.join(os.fspath(workdir), JSONL_NAME)
   if not os.path.exists(path):
     return None
   rows = read_jsonl(path)
-  keys = list(dict.fromkeys(k for r in rows for k in r if k != "step"))
+  keys = list(dict.fromkeys(k for r in rows for k in r if k not in _NOT_PLOTTED))
   if not keys:
     return None
   first = lambda k: (k != "loss", not k.startswith("eval_"), k in TIMING_KEYS, k == "lr")

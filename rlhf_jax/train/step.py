@@ -50,12 +50,26 @@ def accumulate(loss_fn: LossFn, params, batch, rng: jax.Array, accum_steps: int,
   return out
 
 
+def _global_norm_f32(tree) -> jax.Array:
+  """sqrt(sum of squares) over every leaf, accumulated in float32 (bf16 updates included)."""
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
                     accum_steps: int = 1, state_extra: tuple[str, ...] = (),
                     post_update: Callable[[State], State] | None = None
                     ) -> Callable[[State, Any], tuple[State, dict]]:
   """step(state, batch) -> (state, metrics). A non-finite loss or gradient leaves params and
   optimiser state unchanged (metrics["skipped"] = 1); the step counter still advances.
+
+  metrics["update_norm"] is the global L2 norm of the update actually applied to the params
+  (0 when skipped), in float32: the host loop refuses to checkpoint a state whose update
+  exploded (config.run.max_update_norm). Finite weights can still be ruined (lr = 1e30 gives
+  ~1e30-sized, finite params), which no NaN check sees; the update norm does. Its squares
+  overflow to Inf for such updates, which only makes the verdict clearer.
 
   state_extra: names of frozen state entries (e.g. "ref", a reference model's params) passed to
     loss_fn after the rng; they are neither differentiated nor micro-batched.
@@ -75,11 +89,12 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *,
     updates, opt = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    update_norm = jnp.where(finite, _global_norm_f32(updates), 0.0)
     new_state = {**state, "params": keep(params, state["params"]), "opt": keep(opt, state["opt"]),
                  "step": state["step"] + 1}
     if post_update is not None:
       new_state = post_update(new_state)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "count": count,
+    metrics = {"loss": loss, "grad_norm": grad_norm, "update_norm": update_norm, "count": count,
                "skipped": 1 - finite.astype(jnp.int32),
                **{k: v / denom for k, v in sums.items()}}
     return new_state, metrics
