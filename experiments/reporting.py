@@ -15,9 +15,9 @@ from rlhf_jax.train import pipeline
 
 def front(config: ml_collections.ConfigDict, workdir: str):
   """(pipeline result of config.stages, e.g. SFT -> pairs -> reward model, in workdir; params ->
-  gold reward and KL to the SFT policy on the held-out prompts, with fixed sampling keys)."""
-  os.makedirs(workdir, exist_ok=True)
-  out = pipeline.run(config, workdir)
+  gold reward and KL to the SFT policy on the held-out prompts, with fixed sampling keys). The
+  pipeline's summary goes to pipeline.json: results.json is the driver's."""
+  out = pipeline.run(config, workdir, evaluate=False, summary_name="pipeline.json")
   sft = out.stages["sft"]
   prompts = sft.task.world.sample_prompts(config.eval.prompts, seed=rng.prompt_seed("heldout"))
   return out, eval_lib.make_policy_evaluator(config, sft.task, sft.mesh, sft.module, sft.params,

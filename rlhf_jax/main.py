@@ -7,8 +7,8 @@ config (config.driver = "package.module:function", e.g. "experiments.frontier.ru
 module may define validate(config) too). Everything else lives in importable libraries that
 colabs and tests call directly.
 
-Console: third-party INFO logging (orbax, jax, ...) is off; --verbosity=0 (absl's own flag)
-brings it back, -1 keeps only our warnings.
+Console: third-party INFO logging (orbax, jax, ...) is off; --verbosity (absl's own flag)
+takes over when given: 0 brings every INFO line back, -1 keeps warnings only.
 """
 import importlib
 import json
@@ -16,14 +16,44 @@ import logging as std_logging
 import os
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from rlhf_jax import configs
 from rlhf_jax.parallel import distributed
+from rlhf_jax.train import pipeline  # Importing JAX touches no backend: initialize still first.
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].",
                                           lock_config=True)
+
+
+class _CheckedConfigParser(flags.ArgumentParser):
+  """The config file's parser, with the two mistakes it reports badly (a traceback, or an
+  AttributeError deep in a later check) turned into flag errors that name the file."""
+
+  def __init__(self, parser):
+    self._parser = parser
+
+  def parse(self, argument):
+    path = argument.split(":", 1)[0]
+    try:
+      config = self._parser.parse(argument)
+    except AttributeError as e:
+      if "get_config" in str(e):
+        raise ValueError(f"{path} defines no get_config(arg=None): an experiment config file "
+                         "returns its ConfigDict from get_config") from None
+      raise
+    if not isinstance(config, ml_collections.ConfigDict):
+      raise ValueError(f"{path}: get_config() returned a {type(config).__name__}, not an "
+                       "ml_collections.ConfigDict (return configs.lock(config))")
+    return config
+
+  def flag_type(self):
+    return self._parser.flag_type()
+
+
+flags.FLAGS["config"].parser = _CheckedConfigParser(flags.FLAGS["config"].parser)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, results.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -39,8 +69,9 @@ class _OwnInfoOnly(std_logging.Filter):
 
 
 def quiet_third_party() -> None:
-  """Unless --verbosity was raised explicitly, third-party INFO lines are dropped."""
-  if flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 0:
+  """Our INFO lines without third-party ones, unless --verbosity is given (then it decides
+  for everyone: 0 = all INFO lines, -1 = warnings only)."""
+  if flags.FLAGS["verbosity"].present:
     return
   logging.set_verbosity(logging.INFO)  # Ours; the filter drops everyone else's INFO.
   handler = logging.get_absl_handler()
@@ -67,7 +98,6 @@ def _import(module_name: str):
 
 def resolve(config):
   """(validate, run) of the config: the library pipeline's, plus the driver's when set."""
-  from rlhf_jax.train import pipeline
   spec = config.get("driver", "")
   if not spec:
     return pipeline.validate, pipeline.run
@@ -96,7 +126,6 @@ def main(argv):
   configs.check_required(config)
   # Before anything touches a JAX backend: joining a multi-process job must come first.
   distributed.initialize(config.get("distributed"))
-  from rlhf_jax.train import pipeline
   validate, run = resolve(config)
   # Everything that can be refused is refused here, before the workdir is touched.
   validate(config)
@@ -105,9 +134,20 @@ def main(argv):
   os.makedirs(workdir, exist_ok=True)
   if distributed.is_main_process():
     print(config, flush=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config.to_dict(), f, indent=2, default=str)
+    _write_if_changed(os.path.join(workdir, "config.json"),
+                      json.dumps(config.to_dict(), indent=2, default=str))
   run(config, workdir)
+
+
+def _write_if_changed(path: str, text: str) -> None:
+  """Rewrites only when the content differs: rerunning a finished run needs no write access."""
+  if os.path.isfile(path):
+    with open(path) as f:
+      if f.read() == text:
+        return
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,12 @@ STREAMS = {
     "value_init": 5,       # A fresh value head or critic.
     "rl": 6,               # PPO / GRPO / RLOO train state: rollouts and updates.
     "lora_preference": 7,  # LoRA adapters of the DPO-family policy.
-    "best_of_n": 7,        # Best-of-n sample pools (never in the same run as LoRA DPO above).
+    # The sweeps' best-of-n pools (train.sweep.best_of_n_pool, the frontier reproduction):
+    # offset 7 as before the streams had names, shared with LoRA DPO, which no run with
+    # such a pool uses (the frontier runs DPO as a vmapped sweep without LoRA).
+    "best_of_n_pool": 7,
     "lora_rl": 8,          # LoRA adapters of the RL policy.
+    "best_of_n": 9,        # The best-of-n stage's samples (train/best_of_n.py).
 }
 
 # Seeds of the review world's prompt sets (ReviewWorld.sample_prompts(n, seed=...)).

@@ -69,7 +69,7 @@ def _synthetic_pairs(tok, n=12, seed=0):
   return pairs
 
 
-def test_dpo_beta_sweep_equals_separate_run_preference(tmp_path):
+def test_dpo_beta_sweep_equals_separate_preference_stages(tmp_path):
   config = experiment_config("dpo/review_world.py")
   config.dpo.update(dict(steps=3, batch_size=4, eval_every=3))
   config.dpo.optim.warmup_steps = 1

@@ -11,7 +11,20 @@ import numpy as np
 
 from experiments import reporting
 from rlhf_jax.train import ppo as ppo_lib
+from rlhf_jax.train import rl
 from rlhf_jax.train import sweep as sweep_lib
+
+
+def _algorithm_config(config, algo: str) -> ml_collections.ConfigDict:
+  """config.ppo with `algo`'s overrides: what each compared run trains with."""
+  return reporting.with_ppo(config, algorithm=algo, reward_source="model", fused=True,
+                            **config.critic_free.overrides[algo].to_dict())
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Each algorithm's config, checked before the front trains."""
+  for algo in config.critic_free.algorithms:
+    rl.validate(_algorithm_config(config, algo))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -26,10 +39,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   module, sft_params, task, mesh = sft.module, sft.params, sft.task, sft.mesh
   runs = {}
   for algo in cf.algorithms:
-    overrides = cf.overrides[algo].to_dict()
-
-    def one(algo=algo, overrides=overrides):
-      c = reporting.with_ppo(config, algorithm=algo, reward_source="model", fused=True, **overrides)
+    def one(algo=algo):
+      c = _algorithm_config(config, algo)
       rollouts = c.ppo.prompts_per_iter * c.ppo.group_size
       out = {"algorithm": algo, "rollouts_per_iteration": rollouts,
              "iterations": c.ppo.iterations, "epochs": c.ppo.epochs, "seeds": []}

@@ -12,8 +12,10 @@ import ml_collections
 import numpy as np
 
 from experiments import reporting
+from rlhf_jax import objectives
 from rlhf_jax.eval import overoptimization
 from rlhf_jax.train import ppo as ppo_lib
+from rlhf_jax.train import preference, rl
 from rlhf_jax.train import sweep as sweep_lib
 
 
@@ -32,6 +34,26 @@ def frontier_at(envelope, kl: float) -> float:
   """The envelope's value at `kl` (−inf below its first point)."""
   vals = [g for k, g in envelope if k <= kl]
   return vals[-1] if vals else -np.inf
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Every run of the sweeps, checked before the front trains: DPO at each β (the β sweep
+  needs a paired loss and the reference model in the step), PPO against the reward model
+  (fused) and against the gold reward at each target."""
+  fc, cfg = config.frontier, config.dpo
+  preference.validate(config)
+  if cfg.loss not in objectives.PREFERENCE_LOSSES or cfg.reference != "model" or (
+      cfg.ref_sync_every):
+    raise ValueError(f"the β sweep needs a paired loss with the reference model in the step "
+                     f"and no TR-DPO: config.dpo.loss={cfg.loss!r}, "
+                     f"reference={cfg.reference!r}, ref_sync_every={cfg.ref_sync_every}")
+  for beta in fc.dpo_betas:
+    if not beta > 0:
+      raise ValueError(f"config.frontier.dpo_betas: {beta} is not > 0")
+  rl.validate(reporting.with_ppo(config, reward_source="model", fused=True))
+  for target in (*fc.ppo_kl_targets, *fc.gold_kl_targets):
+    rl.validate(reporting.with_ppo(config, reward_source="gold", fused=False,
+                                   kl_target=float(target)))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -16,10 +16,11 @@ import jax
 import numpy as np
 from absl import logging
 
+from rlhf_jax import configs
 from rlhf_jax import eval as eval_lib
 from rlhf_jax import rng, sampling
 from rlhf_jax.eval import overoptimization as oo
-from rlhf_jax.train import pipeline, ppo as ppo_lib, reward, scoring, sft, sweep
+from rlhf_jax.train import pipeline, ppo as ppo_lib, reward, rl, scoring, sft, sweep
 
 DATA = ("small", "large")  # Member order of each size's vmapped proxy pair.
 # Random streams of this experiment (offsets of config.seed, beside rlhf_jax.rng.STREAMS).
@@ -35,6 +36,32 @@ def _same_dims(model_cfg, dims) -> bool:
   return all(model_cfg[k] == v for k, v in dims.items())
 
 
+def _sized(config, dims):
+  """config with the model of one proxy size (its SFT and reward stages run with it)."""
+  sized = copy.deepcopy(config)
+  sized.model.update(dims.to_dict())
+  return sized
+
+
+def validate(config) -> None:
+  """What the driver runs besides config.stages: the SFT and reward stages of every proxy size,
+  and PPO with the critic from the policy (proxies of other sizes do not fit it)."""
+  for name, dims in config.overopt.rm_sizes.items():
+    sized = _sized(config, dims)
+    try:
+      configs.check_model(sized)
+    except ValueError as e:
+      raise ValueError(f"config.overopt.rm_sizes.{name}: {e}") from None
+    sft.validate(sized)
+    reward.validate(sized)
+  with_policy_critic = copy.deepcopy(config)
+  with_policy_critic.ppo.value_init = "policy"
+  rl.validate(with_policy_critic)
+  if not config.overopt.train_prompts_small <= config.overopt.train_prompts_large:
+    raise ValueError("config.overopt.train_prompts_small must not exceed train_prompts_large "
+                     "(the small set is a prefix of the large one)")
+
+
 def proxy_backbones(config, workdir, policy):
   """{size: (config with that model, the SFT stage's result at that size)}: each proxy starts
   from a language model of its own size SFT-ed on the same data (the paper's RMs start from
@@ -44,8 +71,7 @@ def proxy_backbones(config, workdir, policy):
     if _same_dims(config.model, dims):
       out[name] = (config, policy)
       continue
-    sized = copy.deepcopy(config)
-    sized.model.update(dims.to_dict())
+    sized = _sized(config, dims)
     out[name] = (sized, sft.run(sized, os.path.join(workdir, f"sft_{name}")))
   return out
 
@@ -418,7 +444,7 @@ def measure(config, workdir: str) -> dict:
 
 def report(results: dict, config, workdir: str) -> dict:
   """Windows, fits, checks, results.json, plots and results.md from the measured curves (also
-  re-run alone on a saved results.json: --reanalyse)."""
+  re-run alone on a saved results.json: --config.overopt.reanalyse=True)."""
   sizes = results["sizes"]
   results["rl"] = {key: windowed(log, config.overopt.log_window,
                                  results["sft_gold_per_iteration"],

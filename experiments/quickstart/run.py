@@ -13,13 +13,22 @@ import ml_collections
 
 from experiments import reporting
 from rlhf_jax.train import metrics as metrics_lib
-from rlhf_jax.train import pipeline
+from rlhf_jax.train import pipeline, rl
+
+STAGES = ("sft", "pairs", "reward", "dpo", "ppo")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """The report reads every stage's results: all of them must run."""
+  if tuple(config.stages) != STAGES:
+    raise ValueError(f"config.stages={tuple(config.stages)}: the quickstart's report needs "
+                     f"{STAGES}")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   out = pipeline.run(config, workdir)
   stages, evaluation, timings = out.stages, out.evaluation, out.timings
-  sft, dpo, ppo = (evaluation[k] for k in ("sft", "dpo", "ppo"))
+  sft, dpo, ppo = (evaluation[k] for k in ("sft", "dpo", rl.name(config)))
   rm = stages["reward"].metrics
   results = {"sft": {**sft, "eval_perplexity": stages["sft"].metrics["eval_perplexity"]},
              "dpo": {**dpo, **stages["dpo"].metrics}, "ppo": ppo, "reward_model": rm,
@@ -29,7 +38,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if jax.process_index() == 0:
     reporting.write(workdir, "quickstart_results.md", table + "\n")
     reporting.write(workdir, "quickstart_results.json", json.dumps(results, indent=2))
-    plot_path = plot_quickstart(results, workdir, dpo_beta=config.dpo.beta)
+    plot_path = plot_quickstart(results, workdir, dpo_beta=config.dpo.beta,
+                                rl_dir=rl.name(config))  # Its label is the algorithm's.
     reporting.write(workdir, "results.md", f"# Quickstart results\n\n{table}\n\n"
                     f"![gold reward vs KL and training curves]({os.path.basename(plot_path)})\n")
     print(f"wrote {plot_path} and {os.path.join(workdir, 'results.md')}", flush=True)
@@ -38,6 +48,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def quickstart_table(config, results: dict) -> str:
   sft, dpo, ppo, rm = (results[k] for k in ("sft", "dpo", "ppo", "reward_model"))
+  algo = config.ppo.algorithm.upper()  # The "ppo" results are config.ppo.algorithm's.
   timings, n = results["wall_time_s"], sft["samples"]
   return "\n".join([
       "| stage | metric | value |", "|---|---|---|",
@@ -52,9 +63,9 @@ def quickstart_table(config, results: dict) -> str:
       f"| DPO | KL(π‖π_SFT), Monte-Carlo over the samples (mean ± s.e.) | "
       f"{dpo['kl']:.3f} ± {dpo['kl_stderr']:.3f} |",
       f"| DPO | held-out implicit-reward accuracy | {dpo['eval_reward_accuracy']:.3f} |",
-      f"| PPO (RM reward, {config.ppo.iterations} iterations) | gold reward, {n} held-out "
+      f"| {algo} (RM reward, {config.ppo.iterations} iterations) | gold reward, {n} held-out "
       f"samples (mean ± s.e.) | {ppo['gold_reward']:.4f} ± {ppo['gold_reward_stderr']:.4f} |",
-      f"| PPO | KL(π‖π_SFT), Monte-Carlo over the samples (mean ± s.e.) | "
+      f"| {algo} | KL(π‖π_SFT), Monte-Carlo over the samples (mean ± s.e.) | "
       f"{ppo['kl']:.3f} ± {ppo['kl_stderr']:.3f} |",
       "| all | wall time (s): " + " / ".join(timings) + " | "
       + " / ".join(f"{v:.0f}" for v in timings.values()) + " |"])
@@ -66,7 +77,7 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
   return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def plot_quickstart(results: dict, workdir: str, *, dpo_beta: float,
+def plot_quickstart(results: dict, workdir: str, *, dpo_beta: float, rl_dir: str = "ppo",
                     filename: str = "quickstart.png") -> str:
   """Writes workdir/filename: gold reward vs KL(π‖π_SFT) per policy, and training curves.
 
@@ -81,7 +92,7 @@ def plot_quickstart(results: dict, workdir: str, *, dpo_beta: float,
   ax = axes[0, 0]
   policies = [("SFT", results["sft"], "tab:gray"),
               (f"DPO (β={dpo_beta})", results["dpo"], "tab:blue"),
-              ("PPO (RM reward)", results["ppo"], "tab:orange")]
+              (f"{rl_dir.upper()} (RM reward)", results["ppo"], "tab:orange")]
   for name, r, color in policies:
     ax.errorbar(r.get("kl", 0.0), r["gold_reward"], xerr=r.get("kl_stderr", 0.0),
                 yerr=r["gold_reward_stderr"], fmt="o", color=color, capsize=4, label=name)
@@ -97,7 +108,7 @@ def plot_quickstart(results: dict, workdir: str, *, dpo_beta: float,
       steps, values = _series(logged, key)
       if steps:
         ax.plot(steps, values, marker="." if len(steps) < 40 else None, label=label)
-    ax.set(title=title, xlabel="iteration" if stage == "ppo" else "step", ylabel=ylabel)
+    ax.set(title=title, xlabel="iteration" if stage == rl_dir else "step", ylabel=ylabel)
     ax.legend(loc="best")
     ax.grid(alpha=0.3)
 
@@ -109,13 +120,13 @@ def plot_quickstart(results: dict, workdir: str, *, dpo_beta: float,
   curve(axes[1, 0], "dpo", [("rewards/accuracies", "train batch"),
                             ("eval_reward_accuracy", "held-out pairs")],
         "DPO implicit reward", "pairwise accuracy")
-  curve(axes[1, 1], "ppo", [("gold_reward", "gold reward"), ("rm_score", "RM score")],
-        "PPO rollouts", "mean per response")
-  curve(axes[1, 2], "ppo", [("kl", "KL(π‖π_SFT) of the rollouts")], "PPO KL control",
-        "nats per response")
+  curve(axes[1, 1], rl_dir, [("gold_reward", "gold reward"), ("rm_score", "RM score")],
+        f"{rl_dir.upper()} rollouts", "mean per response")
+  curve(axes[1, 2], rl_dir, [("kl", "KL(π‖π_SFT) of the rollouts")],
+        f"{rl_dir.upper()} KL control", "nats per response")
   # The adaptive coefficient lives on another scale (~0.05 against KL of a few nats).
   twin = axes[1, 2].twinx()
-  steps, coef = _series(rows("ppo"), "kl_coef")
+  steps, coef = _series(rows(rl_dir), "kl_coef")
   twin.plot(steps, coef, color="tab:red", linestyle="--", label="KL coefficient (right)")
   twin.set_ylabel("KL coefficient")
   twin.legend(loc="lower right")

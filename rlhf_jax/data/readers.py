@@ -744,15 +744,19 @@ _KIND_OF_READER = {read_preferences: _PREFERENCES, read_preferences_with_stats: 
 
 def check_readable(path, reader: Callable = read_preferences, *, what: str = "",
                    format: str = "auto", on_error: str = "skip",
-                   chat_format: chat_lib.ChatRenderer = _HH_DEFAULT, limit: int = 64) -> str:
+                   chat_format: chat_lib.ChatRenderer = _HH_DEFAULT, limit: int = 64,
+                   min_examples: int = 1) -> str:
   """Fails fast, before any model is built, when `reader` could not get examples from `path`.
 
   Reads until `limit` examples parse (rendered with `chat_format`, so a template that rejects
   the data fails here too) and returns the layout. Errors are those of `reader` (a missing
-  file or directory, an unsupported file type, a broken file, no examples; with
-  on_error="raise" also the first bad record), with `what` (e.g. "config.data.pairs") added
-  so the message names the setting to fix. Skips are not printed: the real read reports them.
+  file or directory, an unsupported file type, a broken file, no examples, fewer than
+  `min_examples` (e.g. 2 when a held-out part is to be split off); with on_error="raise" also
+  the first bad record), with `what` (e.g. "config.data.pairs") added so the message names
+  the setting to fix. Skips are not printed: the real read reports them.
   """
+  if min_examples > limit:
+    raise ValueError(f"min_examples={min_examples} > limit={limit}")
   kind = _KIND_OF_READER.get(reader)
   if kind is None:
     raise ValueError(f"reader={reader!r}: expected one of the rlhf_jax.data read_* functions")
@@ -760,7 +764,11 @@ def check_readable(path, reader: Callable = read_preferences, *, what: str = "",
     kind, format = _prompt_kind(path, format)
   suffix = f" ({what})" if what else ""
   try:
-    return _read(path, kind, format, on_error, chat_format, limit=limit, echo=False).format
+    result = _read(path, kind, format, on_error, chat_format, limit=limit, echo=False)
+    if len(result.examples) < min_examples:
+      raise DataError(os.fspath(path), f"{len(result.examples)} {kind.name} example(s), fewer "
+                      f"than the {min_examples} needed", "too_few")
+    return result.format
   except DataError as err:
     raise DataError(err.where, err.problem + suffix, err.reason) from None
   except OSError as err:

@@ -6,4 +6,4 @@ from rlhf_jax.parallel.mesh import (check_tensor_groups_local, hybrid_shapes, ma
 from rlhf_jax.parallel.rules import MESH_AXES, PRESETS, axis_rules
 from rlhf_jax.parallel.sharding import (abstract_params, batch_sharding, init_params,
                                         logical_to_shardings, mesh_context, param_shardings,
-                                        place_params, shard_batch)
+                                        place_params, shard_batch, stack_placed)

@@ -96,6 +96,19 @@ def put_process_local(x, sharding: NamedSharding) -> jax.Array:
   return jax.device_put(x, sharding)
 
 
+def stack_placed(trees) -> PyTree:
+  """One tree with a new leading axis over `trees` (identical structure); each leaf placed like
+  its members with the new axis unsharded (stacked ensembles and vmapped sweeps keep their
+  FSDP shardings)."""
+  def stack(*xs):
+    out = jax.numpy.stack(xs)
+    sharding = getattr(xs[0], "sharding", None)
+    if isinstance(sharding, NamedSharding):
+      out = jax.device_put(out, NamedSharding(sharding.mesh, P(None, *sharding.spec)))
+    return out
+  return jax.tree.map(stack, *trees)
+
+
 def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
   """Places a host batch (global on one process, or this process's slice on multi-host)."""
   return jax.tree.map(lambda x: put_process_local(x, batch_sharding(mesh, np.ndim(x))), batch)

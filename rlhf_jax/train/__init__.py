@@ -1,2 +1,6 @@
-"""Host side of training: optimiser, train state, the generic step and loop, checkpoints,
-metrics, and one run function per stage (sft.run_sft, reward.run_reward)."""
+"""Host side of training. The engine: optimiser (optim), train state (state), the generic step
+(step), the resumable loop (loop), checkpoints (checkpoint) and metric writers (metrics). The
+stages, one module each with default_config / validate / run -> stage.StageResult: sft,
+reward, preference (DPO family, KTO), rl (PPO / GRPO / RLOO; its iteration in ppo) and
+best_of_n; pipeline chains them. Shared by the stages: stage, task, scoring; sweep runs
+one-compile sweeps over a stage's scalar."""

@@ -42,6 +42,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   stage_lib.check_positive(config, "best_of_n.n", "best_of_n.max_new_tokens",
                            "best_of_n.batch_size")
   stage_lib.check_at_least(config, 0, "best_of_n.prompts")
+  if config.task.kind == "review_world" and config.best_of_n.prompts < 1:
+    raise ValueError("config.best_of_n.prompts=0 ('all') needs a prompt file; the review world "
+                     "draws prompts, so give how many (>= 1)")
   stage_lib.check_choice(config, "best_of_n.reward_source", ("model", "gold"))
   stage_lib.check_choice(config, "best_of_n.split", ("train", "eval"))
   if not config.best_of_n.temperature > 0:
@@ -50,11 +53,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.best_of_n.reward_source == "gold" and config.task.kind != "review_world":
     raise ValueError("config.best_of_n.reward_source='gold' needs the review world's gold "
                      "reward (config.task.kind='review_world')")
-
-
-def best_of_n_kl(n: int) -> float:
-  """KL(best-of-n ‖ policy) = log n − (n − 1)/n: the bound that is exact for distinct samples."""
-  return float(np.log(n) - (n - 1) / n)
 
 
 def _scores(config, task, mesh, prompts, tokens, reward):
@@ -108,7 +106,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, init: stage_lib.Init = 
   best = np.argmax(scores, axis=1)
   metrics = {"score_mean": float(scores.mean()),
              "score_best": float(scores[np.arange(len(best)), best].mean()),
-             "kl_bound": best_of_n_kl(cfg.n), "n": cfg.n, "prompts": len(prompts),
+             "kl_bound": float(eval_lib.best_of_n_kl(cfg.n)), "n": cfg.n,
+             "prompts": len(prompts),
              "no_eos_fraction": float(1 - finished.mean())}
   if task.world is not None:
     gold = _scores(config, task, mesh, prompts, tokens, None)
@@ -128,8 +127,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, init: stage_lib.Init = 
     with open(os.path.join(workdir, "best_of_n_results.json"), "w") as f:
       json.dump(metrics, f, indent=2)
   logging.info("best-of-%d: %s", cfg.n, metrics)
-  return stage_lib.StageResult(NAME, module, params, task, mesh, metrics, workdir, None, dtype,
-                               {"samples_file": os.path.join(workdir, SAMPLES_FILE)})
+  return stage_lib.StageResult(NAME, module, params, task, mesh, metrics, workdir, None, dtype)
 
 
 def _prompt_text(task, ids) -> str:

@@ -43,7 +43,7 @@ STEPS = ("sft", "pairs", "reward", "best_of_n", "dpo", "ppo")
 
 @dataclasses.dataclass
 class PipelineResult:
-  stages: dict[str, stage_lib.StageResult]  # By step name ("sft", "reward", "dpo", "ppo").
+  stages: dict[str, stage_lib.StageResult]  # By step name ("sft", "reward", "dpo", ...).
   pairs: tuple[list, list] | None  # (train, eval) labelled by the "pairs" step, if it ran.
   evaluation: dict[str, Any]  # Held-out gold reward and KL per policy (tasks with a gold reward).
   timings: dict[str, float]  # Wall time per step, seconds.
@@ -130,6 +130,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   stage_lib.check_finite(config)
   stage_lib.check_run(config)
   configs.check_model(config)
+  task_lib.validate(config)
   for step in stages:
     if step in STAGES:
       STAGES[step].validate(config)
@@ -154,13 +155,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
       for kind in needs.get(step, ()):
         if not config.data[kind] and not (kind == "pairs" and "pairs" in stages):
           raise ValueError(f"config.data.{kind} is empty: stage {step!r} trains on it")
+      if step in ("ppo", "best_of_n") and not any(
+          config.data[k] for k in ("prompts", "prompts_eval", "pairs", "sft")):
+        raise ValueError(f"config.data.prompts is empty (and there are no config.data.pairs or "
+                         f"config.data.sft files to take prompts from): stage {step!r} "
+                         "samples the policy on prompts")
 
 
-def _model_source(config, step: str, stages) -> str:
-  """The HF directory stage `step` will load, or "" (an earlier stage's result, or fresh)."""
-  explicit = config[step].get("init_hf_dir", "")
-  earlier = "sft" in stages and step != "sft"
-  return explicit or ("" if earlier else config.get("model_dir") or "")
+def _model_source(config, step: str, stages) -> tuple[str, str]:
+  """(the HF directory whose model stage `step` trains, the key that names it); ("", ...) for
+  fresh weights of config.model. A stage that starts from the SFT stage's result trains the
+  model SFT started from."""
+  if config[step].get("init_hf_dir"):
+    return config[step].init_hf_dir, f"config.{step}.init_hf_dir"
+  if step != "sft" and "sft" in stages:
+    return _model_source(config, "sft", stages)
+  if config.get("model_dir"):
+    return config.model_dir, "config.model_dir"
+  return "", "config.model"
 
 
 def preflight(config: ml_collections.ConfigDict) -> None:
@@ -171,36 +183,40 @@ def preflight(config: ml_collections.ConfigDict) -> None:
   task = task_lib.build_task(config)
   tok = task.tokenize_config
   for step in (s for s in stages if s in STAGES):
-    path = _model_source(config, step, stages)
-    key = f"config.{step}.init_hf_dir" if config[step].get("init_hf_dir") else "config.model_dir"
+    path, key = _model_source(config, step, stages)
     if path:
       hf, config_path = models.hf.read_hf_config(path)
       cfg = models.config_from_hf(hf, config_path)
     else:
       cfg = configs.model_config(config.model, task.vocab_size)
-      key = "config.model"
-    stage_lib.check_vocab(task, cfg, f"{key}={path}" if path else key)
-    longest = _longest_sequence(config, step, tok)
-    if not cfg.uses_rope and longest > cfg.max_len:
-      raise ValueError(f"{key}: the model's learned position table has {cfg.max_len} "
-                       f"positions but stage {step!r} feeds sequences of up to {longest} tokens "
-                       f"({_length_keys(step)}); shorten them")
-  for step in ("best_of_n", "ppo"):
-    if step in stages and config[step].reward_hf_dir:
-      path = config[step].reward_hf_dir
-      members = sorted(os.path.join(path, d) for d in os.listdir(path)
-                       if d.startswith("member_")) if os.path.isdir(path) else []
-      for directory in members or [path]:
+    _check_model_fits(task, cfg, f"{key}={path}" if path else key, step,
+                      _longest_sequence(config, step, tok))
+    reward_dir = config[step].get("reward_hf_dir", "")
+    if reward_dir and config[step].reward_source == "model":
+      where = f"config.{step}.reward_hf_dir"
+      for directory in stage_lib.reward_dirs(reward_dir, where):
         hf, config_path = models.hf.read_hf_config(directory)
-        stage_lib.check_vocab(task, models.config_from_hf(hf, config_path),
-                              f"config.{step}.reward_hf_dir={path}")
+        _check_model_fits(task, models.config_from_hf(hf, config_path),
+                          f"{where}={reward_dir}", step, _longest_sequence(config, step, tok))
   if config.task.kind == "files":
     for kind, reader in (("sft", data.read_sft), ("pairs", data.read_preferences),
                          ("prompts", data.read_prompts)):
       for key in (kind, f"{kind}_eval"):
         if config.data[key]:
+          # A file the held-out part is split from needs two examples at least.
+          split = key == kind and not config.data[f"{kind}_eval"]
           data.check_readable(config.data[key], reader, chat_format=task.chat,
-                              on_error=config.data.on_error, what=f"config.data.{key}")
+                              on_error=config.data.on_error, what=f"config.data.{key}",
+                              min_examples=2 if split else 1)
+
+
+def _check_model_fits(task, cfg, where: str, step: str, longest: int) -> None:
+  """The model has an embedding row for every token id and a position for every column."""
+  stage_lib.check_vocab(task, cfg, where)
+  if not cfg.uses_rope and longest > cfg.max_len:
+    raise ValueError(f"{where}: the model's learned position table has {cfg.max_len} "
+                     f"positions but stage {step!r} feeds sequences of up to {longest} tokens "
+                     f"({_length_keys(step)}); shorten them")
 
 
 def _longest_sequence(config, step: str, tok: data.TokenizeConfig) -> int:
@@ -258,9 +274,12 @@ def _start(config, section: str, results: dict):
   return None if config[section].get("init_hf_dir") else results.get("sft")
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> PipelineResult:
-  """Runs config.stages in order; writes workdir/results.json (each stage's final metrics, the
-  held-out evaluation, wall times)."""
+def run(config: ml_collections.ConfigDict, workdir: str, *, evaluate: bool = True,
+        summary_name: str = "results.json") -> PipelineResult:
+  """Runs config.stages in order; writes workdir/<summary_name> (each stage's final metrics, the
+  held-out evaluation of every policy (`evaluate`, tasks with a gold reward), wall times).
+  Experiment drivers that evaluate on their own pass evaluate=False and a summary name of
+  their own (their results.json is the driver's)."""
   stages = tuple(config.stages)
   results: dict[str, stage_lib.StageResult] = {}
   pairs, timings = None, {}
@@ -287,7 +306,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> PipelineResult:
                               _start(config, "ppo", results), reward=results.get("reward"))
     timings[step] = time.perf_counter() - start
   start = time.perf_counter()
-  evaluation = evaluate_policies(config, results)
+  evaluation = evaluate_policies(config, results) if evaluate else {}
   if evaluation:
     timings["evaluate"] = time.perf_counter() - start
   out = PipelineResult(results, pairs, evaluation, timings)
@@ -296,7 +315,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> PipelineResult:
                               "metrics": r.metrics} for k, r in results.items()},
                "evaluation": evaluation,
                "wall_time_s": {k: round(v, 1) for k, v in timings.items()}}
-    with open(os.path.join(workdir, "results.json"), "w") as f:
+    with open(os.path.join(workdir, summary_name), "w") as f:
       json.dump(summary, f, indent=2, default=float)
   return out
 

@@ -398,10 +398,9 @@ class PPOTrainer:
 def prompt_iterator(task, config, position: int):
   """Batches of left-padded prompts, each repeated group_size times (group-major)."""
   cfg, tok = config.ppo, task.tokenize_config
-  if ("rl_prompts", cfg.train_prompts) not in task._cache:
-    task._cache["rl_prompts", cfg.train_prompts] = task_lib.prompts(task, config, "train",
-                                                                    n=cfg.train_prompts)
-  prompts = task._cache["rl_prompts", cfg.train_prompts]
+  prompts = task.cached(config, "rl_prompts",
+                        lambda: task_lib.prompts(task, config, "train", n=cfg.train_prompts),
+                        cfg.train_prompts)
 
   def collate(batch):
     rows = [p for p in batch for _ in range(cfg.group_size)]

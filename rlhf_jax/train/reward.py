@@ -208,6 +208,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, init: stage_lib.Init = 
   one per member (the ensemble size is then their number, and no resampling is done).
   Returns the stacked, normalised ensemble (StageResult.params [k, ...]).
   """
+  validate(config)
   cfg = config.reward
   task = init.task if isinstance(init, stage_lib.StageResult) else task_lib.build_task(config)
   mesh = parallel.make_mesh(config.mesh.to_dict())

@@ -11,7 +11,7 @@ import ml_collections
 from absl import logging
 
 from rlhf_jax import eval as eval_lib
-from rlhf_jax import parallel, rng
+from rlhf_jax import objectives, parallel, rng
 from rlhf_jax.train import loop as loop_lib
 from rlhf_jax.train import optim, ppo, stage as stage_lib, task as task_lib
 
@@ -43,7 +43,6 @@ def default_config() -> ml_collections.ConfigDict:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Every algorithm/reward/critic combination that can run, and sizes, before any training."""
-  from rlhf_jax import objectives
   cfg = config.ppo
   stage_lib.check_choice(config, "ppo.algorithm", ppo.ALGORITHMS)
   stage_lib.check_choice(config, "ppo.reward_source", ppo.REWARD_SOURCES)
@@ -154,6 +153,5 @@ def run(config: ml_collections.ConfigDict, workdir: str, init: stage_lib.Init = 
   policy = {k: v for k, v in final.items() if k != "value_head"}
   logging.info("%s: %s", cfg.algorithm, metrics)
   hf_dir = stage_lib.export(config, workdir, trainer.policy, policy, task, dtype)
-  extras = {"trainer": trainer, "state": state}
   return stage_lib.StageResult(name(config), trainer.policy, policy, task, mesh, metrics,
-                               workdir, hf_dir, dtype, extras)
+                               workdir, hf_dir, dtype)

@@ -59,6 +59,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, init: stage_lib.Init = 
 
   Resumes from workdir/checkpoints if present; a finished run returns its final params.
   """
+  validate(config)
   cfg = config.sft
   task = init.task if isinstance(init, stage_lib.StageResult) else task_lib.build_task(config)
   mesh = parallel.make_mesh(config.mesh.to_dict())

@@ -1,7 +1,7 @@
 """What every stage shares: the typed result a stage hands on, where its model comes from, the
 checks every stage's `validate` makes, the host-loop settings, and the HF export it ends with.
 
-Every stage module (sft, reward, preference, rl) has the same three functions:
+Every stage module (sft, reward, preference, rl, best_of_n) has the same three functions:
 
     default_config() -> ConfigDict        # its section of the config, documented
     validate(config) -> None              # every check that can fail before anything trains
@@ -20,6 +20,7 @@ import math
 import os
 from typing import Any, Iterable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -44,7 +45,6 @@ class StageResult:
   workdir: str
   hf_dir: str | None = None  # The HF export, <workdir>/hf (None when export is off).
   dtype: str = "float32"  # The stored dtype the weights came in with (kept by exports).
-  extras: dict[str, Any] = dataclasses.field(default_factory=dict)  # Stage-specific.
 
 
 Init = StageResult | str | None
@@ -141,6 +141,7 @@ def check_optim(config, section: str) -> None:
 def check_run(config) -> None:
   check_positive(config, "run.log_every", "run.checkpoint_every", "run.keep_checkpoints",
                  "run.max_nonfinite")
+  check_at_least(config, 0, "run.max_loss", "run.max_update_norm")  # 0 = no bound.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,6 +175,17 @@ def check_vocab(task: task_lib.Task, cfg: models.ModelConfig, where: str) -> Non
         "again, or use the tokenizer the model was trained with")
 
 
+def _fresh_heads(module, key: jax.Array, mesh: Mesh, rules) -> dict:
+  """The params of `module` other than its backbone, initialised as module.init would; the
+  backbone's init is dead code XLA removes, so it is never materialised."""
+  sample = jnp.ones((1, 8), jnp.int32)
+  shardings = parallel.param_shardings(module, mesh, rules, sample)
+  heads = [k for k in shardings if k != "backbone"]
+  with parallel.mesh_context(mesh, rules):
+    return jax.jit(lambda k: {h: nn.unbox(module.init(k, sample)["params"])[h] for h in heads},
+                   out_shardings={h: shardings[h] for h in heads})(key)
+
+
 def load_model(config, source: Init, *, task: task_lib.Task, mesh: Mesh, role: str,
                fresh_key: jax.Array, where: str) -> tuple[models.Transformer, Any, str]:
   """(module of `role`, params, stored dtype) from an HF directory, an earlier result or fresh.
@@ -187,9 +199,9 @@ def load_model(config, source: Init, *, task: task_lib.Task, mesh: Mesh, role: s
   if isinstance(source, StageResult):
     module = models.build_model(compute_config(source.module.cfg, config.model), role)
     params, dtype = source.params, source.dtype
-    if source.module.role != role:
-      fresh = parallel.init_params(module, fresh_key, sample, mesh=mesh, rules=rules)
-      params = models.transfer_backbone(params, fresh)
+    if source.module.role != role:  # The backbone carried over, the heads of `role` fresh.
+      params = {**_fresh_heads(module, fresh_key, mesh, rules),
+                "backbone": params["backbone"]}
   elif isinstance(source, str):
     dtype = models.source_dtype(source)
     module, params = models.load_hf(source, role=role, mesh=mesh, rules=rules,
@@ -204,18 +216,30 @@ def load_model(config, source: Init, *, task: task_lib.Task, mesh: Mesh, role: s
   return module, params, dtype
 
 
+def reward_dirs(path: str, where: str) -> list[str]:
+  """The HF directories of a reward model: `path` itself, or its member_<i> sub-directories
+  (an ensemble the reward stage exported), in member order. Each must be a sequence
+  classifier (a score head), not a causal LM: a missing head would score with random
+  weights."""
+  members = [d for d in os.listdir(path) if d.startswith("member_")] if os.path.isdir(
+      path) else []
+  dirs = [os.path.join(path, d) for d in sorted(members, key=lambda d: int(d.split("_")[1]))]
+  for directory in dirs or [path]:
+    hf, _ = models.hf.read_hf_config(directory)
+    if not any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or ()):
+      raise ValueError(f"{where}={path}: {directory} holds {hf.get('architectures')}, not a "
+                       "reward model (*ForSequenceClassification with a score head)")
+  return dirs or [path]
+
+
 def load_reward(config, path: str, task: task_lib.Task, mesh: Mesh, where: str):
-  """(reward module, params stacked [k, ...]) from an HF sequence-classification directory, or
-  from a directory of member_<i> sub-directories (an ensemble the reward stage exported). Its
-  backbone may differ from the policy's; its vocabulary must cover the tokenizer's."""
-  members = sorted((d for d in os.listdir(path) if d.startswith("member_")),
-                   key=lambda d: int(d.split("_")[1])) if os.path.isdir(path) else []
-  dirs = [os.path.join(path, d) for d in members] or [path]
+  """(reward module, params stacked [k, ...]) from `reward_dirs(path)`. Its backbone may
+  differ from the policy's; its vocabulary must cover the tokenizer's."""
   loaded = [models.load_hf(d, role="reward", mesh=mesh, rules=config.sharding,
-                           dtype=config.model.get("dtype")) for d in dirs]
+                           dtype=config.model.get("dtype")) for d in reward_dirs(path, where)]
   module = loaded[0][0]
   check_vocab(task, module.cfg, f"{where}={path}")
-  return module, jax.tree.map(lambda *xs: jnp.stack(xs), *[p for _, p in loaded])
+  return module, parallel.stack_placed([p for _, p in loaded])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +254,11 @@ def loop_config(cfg: ml_collections.ConfigDict, run: ml_collections.ConfigDict, 
                              log_every=run.log_every if log_every is None else log_every,
                              eval_every=cfg.eval_every, checkpoint_every=run.checkpoint_every,
                              keep_checkpoints=run.keep_checkpoints,
-                             max_nonfinite=run.max_nonfinite)
+                             max_nonfinite=run.max_nonfinite,
+                             max_loss=run.get("max_loss", loop_lib.DEFAULT_MAX_LOSS),
+                             max_update_norm=run.get("max_update_norm",
+                                                     loop_lib.DEFAULT_MAX_UPDATE_NORM),
+                             optim=cfg.optim.to_dict())
 
 
 def checkpoint_extra(config, module) -> dict[str, Any]:
@@ -247,27 +275,29 @@ def export_dtype(config, dtype: str) -> str:
 
 def save_tokenizer(directory: str, task: task_lib.Task) -> None:
   """The task's tokenizer next to an export, with the special tokens the run used: a user's
-  tokenizer files are copied unchanged except that tokens the run overrode
-  (config.task.eos_token / pad_token) are written into the copy's tokenizer_config.json; a
-  tokenizer without files of its own (a bare tokenizer.json, the review world's) is written
-  with them. The exported tokenizer then pads and stops as training did."""
+  tokenizer files are copied unchanged except that tokens the run overrode (config.task
+  eos/pad/bos_token) are written into the copy's tokenizer_config.json and
+  special_tokens_map.json; a tokenizer without files of its own (a bare tokenizer.json, the
+  review world's) is written with them. The exported tokenizer then pads and stops as
+  training did."""
   files, tokenizer, tok = task.tokenizer_files, task.tokenizer, task.tokenize_config
-  used = {"eos_token": tokenizer.id_to_token(tok.eos_id),
-          "pad_token": tokenizer.id_to_token(tok.pad_id)}
+  used = {"eos_token": tok.eos_id, "pad_token": tok.pad_id, "bos_token": tok.bos_id}
+  used = {name: tokenizer.id_to_token(i) for name, i in used.items() if i is not None}
   if files.directory is None:
     data.save_tokenizer_files(directory, tokenizer, chat_template=files.chat_template,
                               **{**files.special, **used})
     return
   data.save_tokenizer_files(directory, files)
   changed = {name: token for name, token in used.items() if files.special.get(name) != token}
-  config_file = os.path.join(directory, "tokenizer_config.json")
-  if changed and os.path.isfile(config_file):
-    with open(config_file) as f:
-      tokenizer_config = json.load(f)
-    tokenizer_config.update(changed)
-    with open(config_file + ".tmp", "w") as f:
-      json.dump(tokenizer_config, f, indent=2, ensure_ascii=False)
-    os.replace(config_file + ".tmp", config_file)
+  for name in ("tokenizer_config.json", "special_tokens_map.json"):
+    path = os.path.join(directory, name)
+    if changed and os.path.isfile(path):
+      with open(path) as f:
+        content = json.load(f)
+      content.update(changed)
+      with open(path + ".tmp", "w") as f:
+        json.dump(content, f, indent=2, ensure_ascii=False)
+      os.replace(path + ".tmp", path)
 
 
 def export(config, workdir: str, module, params, task: task_lib.Task, dtype: str

@@ -31,16 +31,7 @@ from rlhf_jax.train import scoring
 Evaluate = Callable[[object], dict[str, float]]  # policy params -> metrics.
 
 
-def stack_trees(trees):
-  """One tree with a new leading axis over `trees` (identical structure); each leaf placed
-  like its members with the new axis unsharded (so a vmapped step keeps FSDP shardings)."""
-  def stack(*xs):
-    out = jnp.stack(xs)
-    sharding = getattr(xs[0], "sharding", None)
-    if isinstance(sharding, NamedSharding):
-      out = jax.device_put(out, NamedSharding(sharding.mesh, P(None, *sharding.spec)))
-    return out
-  return jax.tree.map(stack, *trees)
+stack_trees = parallel.stack_placed  # One tree of stacked members, placed on the mesh.
 
 
 def member(tree, i: int):
@@ -67,7 +58,7 @@ def dpo_beta_sweep(config: ml_collections.ConfigDict, *, task, mesh, module, sft
                    train_pairs, betas, evaluate: Evaluate | None = None, eval_every: int = 0,
                    ) -> tuple[object, list[list[dict]]]:
   """DPO from the SFT policy at every β of `betas` at once: config.dpo.steps vmapped steps on
-  the batches run_preference would draw (same seed, same order), one compile.
+  the batches the preference stage would draw (same seed, same order), one compile.
 
   Returns (stacked final params [len(betas), ...], one curve per β): `evaluate` runs on each
   member at step 0, every `eval_every` steps and at the end.
@@ -80,7 +71,7 @@ def dpo_beta_sweep(config: ml_collections.ConfigDict, *, task, mesh, module, sft
     raise ValueError("config.dpo.ref_sync_every (TR-DPO) is not supported by the β sweep")
   tok, n = task.tokenize_config, len(betas)
   tx, _ = optim.make_optimizer(cfg.optim, cfg.steps)
-  # As run_preference: a copy of the SFT params (the first step donates them), same rng.
+  # As the preference stage: a copy of the SFT params (the first step donates them), same rng.
   one = state_lib.state_from_params(jax.tree.map(jnp.copy, sft_params), tx,
                                     rng.key(config.seed, "preference"), mesh, config.sharding)
   # The reference is a copy too: the state (and so its "ref" entry) is donated to each step.
@@ -263,7 +254,7 @@ def best_of_n_pool(config: ml_collections.ConfigDict, task, mesh, module, params
   rows = [p for p in prompt_ids for _ in range(pool)]
   score = jax.jit(lambda p, i, m, s: jnp.mean(
       scoring.ensemble_rewards(rm_module, p, *sampling.sequences(i, m, s)), axis=0))
-  key = rng.key(config.seed, "best_of_n")
+  key = rng.key(config.seed, "best_of_n_pool")
   proxy, gold, done = [], [], 0
   with parallel.mesh_context(mesh, config.sharding):
     # Every process holds every prompt, feeds its devices' rows, and reads every row back.

@@ -33,13 +33,15 @@ class Task:
   tokenizer_files: Any = None  # data.TokenizerFiles of a user's tokenizer (copied to exports).
   _cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
-  def encode(self, text: str) -> np.ndarray:
-    """Token ids of a prompt text, BOS first when the task adds one."""
-    if self.world is not None:
-      return self.world.encode(text)
-    ids = data.encode_texts(self.tokenizer, [text])[0]
-    bos = self.tokenize_config.bos_id
-    return ids if bos is None else np.concatenate([[bos], ids]).astype(np.int32)
+  def cached(self, config, name: str, compute, *key):
+    """compute() once per (name, key) and data settings: a task handed from stage to stage
+    tokenises each split once, and a config with other data settings gets its own."""
+    settings = (repr(config.task.to_dict()),
+                repr(config.data.to_dict()) if "data" in config else "")
+    full = (name, *key, *settings)
+    if full not in self._cache:
+      self._cache[full] = compute()
+    return self._cache[full]
 
   def decode(self, ids) -> str:
     if self.world is not None:
@@ -78,6 +80,30 @@ def files_config() -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict
   return task, files
 
 
+def validate(config: ml_collections.ConfigDict) -> None:
+  """config.task (and config.data for files): kinds, sizes and choices, each naming its key."""
+  cfg = config.task
+  if cfg.kind == "review_world":
+    for key in ("n_sft", "n_eval", "n_pairs", "n_eval_pairs", "k"):
+      if not isinstance(cfg[key], int) or cfg[key] < 1:
+        raise ValueError(f"config.task.{key}={cfg[key]!r}: must be an integer >= 1")
+    return
+  if cfg.kind != "files":
+    raise ValueError(f"config.task.kind={cfg.kind!r}; expected 'review_world' or 'files'")
+  for key in ("max_prompt_len", "max_response_len"):
+    if not isinstance(cfg[key], int) or cfg[key] < 1:
+      raise ValueError(f"config.task.{key}={cfg[key]!r}: must be an integer >= 1")
+  choices = {"task.chat": (cfg.chat, CHAT_MODES),
+             "task.over_length": (cfg.over_length, data.tokenization.OVER_LENGTH),
+             "data.on_error": (config.data.on_error, data.errors.ON_ERROR)}
+  for key, (value, allowed) in choices.items():
+    if value not in allowed:
+      raise ValueError(f"config.{key}={value!r}; expected one of {tuple(allowed)}")
+  if not 0.0 < config.data.eval_fraction < 1.0:
+    raise ValueError(f"config.data.eval_fraction={config.data.eval_fraction}: must lie in "
+                     "(0, 1) (the held-out part of a file without an eval file of its own)")
+
+
 # ---------------------------------------------------------------------------------------------
 # Building the task
 # ---------------------------------------------------------------------------------------------
@@ -103,8 +129,9 @@ def build_task(config: ml_collections.ConfigDict) -> Task:
                 tokenizer_files=files)
   if cfg.kind != "files":
     raise ValueError(f"config.task.kind={cfg.kind!r}; expected 'review_world' or 'files'")
-  if cfg.chat not in CHAT_MODES:
-    raise ValueError(f"config.task.chat={cfg.chat!r}; expected one of {CHAT_MODES}")
+  chat_mode = cfg.get("chat", "auto")  # Configs saved before chat templates lack the key.
+  if chat_mode not in CHAT_MODES:
+    raise ValueError(f"config.task.chat={chat_mode!r}; expected one of {CHAT_MODES}")
   path = cfg.tokenizer or config.get("model_dir") or ""
   if not path:
     raise ValueError("config.task.tokenizer is empty and there is no config.model_dir: name a "
@@ -115,9 +142,9 @@ def build_task(config: ml_collections.ConfigDict) -> Task:
   except (OSError, ValueError) as e:
     raise ValueError(f"{key_of}={path!r}: {e}") from None
   tokenizer = files.tokenizer
-  if cfg.chat == "template" and not files.chat_template:
+  if chat_mode == "template" and not files.chat_template:
     raise ValueError(f"config.task.chat='template' but {key_of}={path!r} has no chat template")
-  chat = files.chat_format() if cfg.chat != "hh" else data.ChatFormat()
+  chat = files.chat_format() if chat_mode != "hh" else data.ChatFormat()
   ids = {}
   for name in ("eos", "pad"):
     override = cfg[f"{name}_token"]
@@ -132,8 +159,9 @@ def build_task(config: ml_collections.ConfigDict) -> Task:
     ids[name] = _special_id(tokenizer, token, f"config.task.{name}_token", source)
   # BOS: the one the tokenizer adds itself on plain text; none under a chat template, which
   # writes its own (as transformers' apply_chat_template encodes); the config key overrides.
-  ids["bos"] = (_special_id(tokenizer, cfg.bos_token, "config.task.bos_token",
-                            "config.task.bos_token") if cfg.bos_token
+  bos_token = cfg.get("bos_token", "")
+  ids["bos"] = (_special_id(tokenizer, bos_token, "config.task.bos_token",
+                            "config.task.bos_token") if bos_token
                 else files.prompt_bos_id(chat))
   if ids["pad"] == ids["eos"]:
     raise ValueError(f"config.task.pad_token: the pad token is the EOS (id {ids['eos']}) of "
@@ -161,6 +189,10 @@ def held_out_split(examples: list, fraction: float, split: str, seed: int = 0) -
                      "the split has no eval file of its own")
   order = rng.host_rng(seed, "held_out_split").permutation(len(examples))
   n_eval = max(1, int(round(fraction * len(examples))))
+  if n_eval >= len(examples):
+    raise ValueError(f"config.data.eval_fraction={fraction} of {len(examples)} example(s) "
+                     "leaves nothing to train on: give a larger file, a smaller fraction, or "
+                     "an eval file of its own (config.data.*_eval)")
   keep = order[:n_eval] if split == "eval" else order[n_eval:]
   return [examples[i] for i in sorted(keep)]
 
@@ -189,7 +221,8 @@ def _read_once(config, kind: str, path: str, read) -> list:
   key = (kind, path, stat and (stat.st_mtime_ns, stat.st_size), config.data.on_error,
          config.task.get("chat"), config.task.get("tokenizer"), config.get("model_dir"))
   if key not in _READ_CACHE:
-    _READ_CACHE.clear()  # One file at a time: a run reads each of its files in turn.
+    if len(_READ_CACHE) >= 2:  # The train file of the split being read, and one more.
+      _READ_CACHE.pop(next(iter(_READ_CACHE)))
     _READ_CACHE[key] = read(path)
   return _READ_CACHE[key]
 
@@ -205,8 +238,10 @@ def _report(what: str, result) -> None:
 def sft_examples(task: Task, config: ml_collections.ConfigDict, split: str
                  ) -> list[data.TokenizedSFT]:
   """Tokenised SFT examples of `split` ("train" or "eval")."""
-  if ("sft", split) in task._cache:
-    return task._cache["sft", split]
+  return task.cached(config, "sft", lambda: _sft_examples(task, config, split), split)
+
+
+def _sft_examples(task: Task, config: ml_collections.ConfigDict, split: str):
   if task.world is not None:
     n = config.task.n_sft if split == "train" else config.task.n_eval
     raw = task.world.sample_sft(n, seed={"train": 0, "eval": 1}[split])
@@ -215,7 +250,6 @@ def sft_examples(task: Task, config: ml_collections.ConfigDict, split: str
         p, on_error=config.data.on_error, chat_format=task.chat))
   result = data.tokenize_sft(raw, task.tokenizer, task.tokenize_config)
   _report(f"SFT {split}", result)
-  task._cache["sft", split] = result.examples
   return result.examples
 
 
@@ -223,8 +257,10 @@ def preference_examples(task: Task, config: ml_collections.ConfigDict, split: st
                         ) -> list[data.TokenizedPair]:
   """Tokenised preference pairs of `split`: gold-labelled samples of the review world's own
   process, or config.data.pairs in any layout `data.read_preferences` reads."""
-  if ("pairs", split) in task._cache:
-    return task._cache["pairs", split]
+  return task.cached(config, "pairs", lambda: _preference_examples(task, config, split), split)
+
+
+def _preference_examples(task: Task, config: ml_collections.ConfigDict, split: str):
   if task.world is not None:
     cfg = config.task
     n = cfg.n_pairs if split == "train" else cfg.n_eval_pairs
@@ -233,9 +269,7 @@ def preference_examples(task: Task, config: ml_collections.ConfigDict, split: st
   else:
     raw = _split(config, "pairs", split, lambda p: data.read_preferences(
         p, on_error=config.data.on_error, chat_format=task.chat))
-  out = tokenize_pairs(task, raw, f"pairs {split}")
-  task._cache["pairs", split] = out
-  return out
+  return tokenize_pairs(task, raw, f"pairs {split}")
 
 
 def tokenize_pairs(task: Task, raw, desc: str) -> list[data.TokenizedPair]:
