@@ -18,6 +18,7 @@ setuptools.setup(
     long_description=(_HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["rlhf_jax", "rlhf_jax.*"]),
+    package_data={"rlhf_jax.collect": ["page.js"]},  # The annotation page's script.
     python_requires=">=3.11",
     install_requires=_requirements("requirements.txt"),
     extras_require={"test": _requirements("requirements-test.txt")},

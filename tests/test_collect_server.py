@@ -1,19 +1,32 @@
 """The annotation server's API and the queue rules: submit, skip, double submit, unknown ids,
 malformed bodies (clear 4xx, nothing stored), leases, re-annotation, concurrency; export
-mapping and the statistics (hand-computed kappa and binomial p)."""
+mapping and the statistics (hand-computed kappa and binomial p). Then the attacks a tester
+ran against the server, each answered with its 4xx and the database unchanged afterwards:
+unauthenticated or forged identity, leases from GET/HEAD or made-up names, foreign Host and
+Origin, bodies that used to raise (deep nesting, huge ids, non-ASCII tokens), odd methods,
+half-open and trickling connections; and case-folded names, the end-of-queue accounting,
+the old-database upgrade and the CLI."""
 import collections
+import hashlib
 import json
 import random
+import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
+from conftest import REPO_ROOT
 from rlhf_jax import data
 from rlhf_jax.collect import db as db_lib
-from rlhf_jax.collect import report
-from test_collect_support import Client, make_round, rows, running_server
+from rlhf_jax.collect import page, report
+from rlhf_jax.collect import server as server_lib
+from test_collect_support import Client, key_for, make_round, rows, running_server
+
+TABLES = ("meta", "prompts", "responses", "items", "assignments", "judgments", "annotators")
 
 
 @pytest.fixture
@@ -33,6 +46,47 @@ def served(round_db):
 
 def _count(db_path, table="judgments"):
   return rows(db_path, f"SELECT COUNT(*) AS n FROM {table}")[0]["n"]
+
+
+def snapshot(db_path):
+  """Every row of every table: what an attack must leave exactly as it was."""
+  return {t: [tuple(r) for r in rows(db_path, f"SELECT * FROM {t} ORDER BY 1")]
+          for t in TABLES}
+
+
+def raw_request(httpd, lines, body=b"", timeout=10):
+  """Sends a hand-made request (a list of request-line and header lines) on a fresh socket and
+  reads until the server closes it; returns (status, headers, body bytes)."""
+  data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+  with socket.create_connection(httpd.server_address[:2], timeout=timeout) as sock:
+    sock.sendall(data)
+    reply = b""
+    while chunk := sock.recv(65536):
+      reply += chunk
+  head, _, payload = reply.partition(b"\r\n\r\n")
+  status_line, *header_lines = head.decode("latin-1").split("\r\n")
+  headers = {}
+  for line in header_lines:
+    name, _, value = line.partition(":")
+    headers[name.strip().lower()] = value.strip()
+  return int(status_line.split()[1]), headers, payload
+
+
+def host_of(httpd):
+  return f"127.0.0.1:{httpd.server_address[1]}"
+
+
+def assert_json_error(status, headers, payload, expected_status, code=None):
+  """A 4xx JSON error with the security headers, as every refusal must be."""
+  assert status == expected_status, (status, payload[:300])
+  assert headers["content-type"].startswith("application/json"), headers
+  for name, value in server_lib.SECURITY_HEADERS.items():
+    assert headers.get(name.lower()) == value, (name, headers)
+  error = json.loads(payload)["error"]
+  if code is not None:
+    assert error["code"] == code, error
+  assert error["message"]
+  return error
 
 
 def test_round_layout(round_db):
@@ -112,77 +166,108 @@ def test_unknown_item_and_assignment_are_404(served):
   assert client.submit(a, "alice", "A")[0] == 201  # The real submission still works.
 
 
+_OK = {"item_id": 1, "assignment_id": 1, "token": "t", "choice": "A"}
+
+
 @pytest.mark.parametrize("body,headers,status,code,needle", [
     ("{not json", None, 400, "malformed_json", "not valid"),
     ("[1, 2]", None, 400, "bad_body", "JSON object"),
     ('"A"', None, 400, "bad_body", "JSON object"),
-    ({"item_id": 1, "assignment_id": 1, "token": "t", "annotator": "alice"}, None, 400,
-     "missing_fields", "choice"),
-    ({"item_id": "1", "assignment_id": 1, "token": "t", "annotator": "alice", "choice": "A"},
-     None, 400, "bad_field", "item_id"),
-    ({"item_id": True, "assignment_id": 1, "token": "t", "annotator": "alice", "choice": "A"},
-     None, 400, "bad_field", "item_id"),
-    ({"item_id": 1, "assignment_id": 1, "token": "t", "annotator": "alice", "choice": "C"},
-     None, 400, "bad_choice", "'C'"),
-    ({"item_id": 1, "assignment_id": 1, "token": "t", "annotator": "alice", "choice": "A",
-      "choise": "B"}, None, 400, "unknown_fields", "choise"),
-    ({"item_id": 1, "assignment_id": 1, "token": "t", "annotator": "  ", "choice": "A"},
-     None, 400, "bad_annotator", "empty"),
+    ({k: v for k, v in _OK.items() if k != "choice"}, None, 400, "missing_fields", "choice"),
+    (dict(_OK, item_id="1"), None, 400, "bad_field", "item_id"),
+    (dict(_OK, item_id=True), None, 400, "bad_field", "item_id"),
+    (dict(_OK, item_id=1.0), None, 400, "bad_field", "item_id"),
+    (dict(_OK, choice="C"), None, 400, "bad_choice", "'C'"),
+    (dict(_OK, choise="B"), None, 400, "unknown_fields", "choise"),
+    # Identity is the key's: a body cannot name an annotator.
+    (dict(_OK, annotator="bob"), None, 400, "unknown_fields", "annotator"),
+    # Used to be HTTP 500: RecursionError, OverflowError in SQLite, int() digit limit.
+    ("[" * 5000 + "]" * 5000, None, 400, "malformed_json", "nests too deeply"),
+    ('{"a":' * 2000 + "1" + "}" * 2000, None, 400, "malformed_json", "nests too deeply"),
+    (dict(_OK, item_id=2**63), None, 400, "bad_field", "2^63"),
+    (dict(_OK, assignment_id=2**64 + 1), None, 400, "bad_field", "2^63"),
+    (dict(_OK, item_id=-1), None, 400, "bad_field", "positive"),
+    (dict(_OK, item_id=0), None, 400, "bad_field", "positive"),
+    ('{"item_id": ' + "9" * 5000 + "}", None, 400, "malformed_json", "not valid"),
+    ('{"item_id": NaN, "assignment_id": 1, "token": "t", "choice": "A"}', None, 400,
+     "bad_field", "item_id"),
+    (b'{"choice": "\xff"}', None, 400, "malformed_json", "UTF-8"),
     ('{"choice": "A"}', {"Content-Type": "text/plain"}, 415, "unsupported_media_type",
      "application/json"),
     ("x" * 20000, {"Content-Type": "application/json"}, 413, "body_too_large", "at most"),
-], ids=["bad_json", "array", "string", "missing", "str_id", "bool_id", "bad_choice", "unknown",
-        "blank_annotator", "text_plain", "too_large"])
+    ("{}", {"Content-Type": "application/json", "Content-Length": "+2"}, 400, "bad_length",
+     "Content-Length"),
+], ids=["bad_json", "array", "string", "missing", "str_id", "bool_id", "float_id",
+        "bad_choice", "unknown", "annotator_field", "deep_array", "deep_object", "id_2_63",
+        "id_2_64", "negative_id", "zero_id", "5000_digits", "nan", "bad_utf8", "text_plain",
+        "too_large", "plus_length"])
 def test_malformed_bodies_are_clear_4xx_and_store_nothing(served, body, headers, status, code,
                                                           needle):
   db_path, _, client = served
   client.next("alice")  # An open assignment exists; nothing below may judge it.
-  if isinstance(body, str) and headers is None:
+  before = snapshot(db_path)
+  if isinstance(body, (str, bytes)) and headers is None:
     headers = {"Content-Type": "application/json"}
-  got, answer = client.request("POST", "/api/judgment", body, headers)
+  got, answer = client.request("POST", "/api/judgment", body, headers, as_="alice")
   assert got == status, answer
   assert answer["error"]["code"] == code
   assert needle in answer["error"]["message"]
-  assert _count(db_path) == 0
+  assert snapshot(db_path) == before
   # The connection (or a new one) still works after the error.
   assert client.request("GET", "/healthz")[0] == 200
 
 
+@pytest.mark.parametrize("token", ["tökén", "\ud800", "x" * 10000, "", "forged"],
+                         ids=["non_ascii", "lone_surrogate", "long", "empty", "forged"])
+def test_wrong_tokens_are_403_never_500(served, token):
+  db_path, _, client = served
+  a = client.next("alice")
+  before = snapshot(db_path)
+  status, body = client.submit(dict(a, token=token), "alice", "A")
+  assert status == 403 and body["error"]["code"] == "bad_token", body
+  assert snapshot(db_path) == before
+  assert client.submit(a, "alice", "A")[0] == 201
+
+
 def test_missing_content_length_is_411(served):
-  db_path, httpd, _ = served
-  with socket.create_connection(httpd.server_address[:2], timeout=10) as sock:
-    sock.sendall(b"POST /api/judgment HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-                 b"\r\nConnection: close\r\n\r\n")
-    reply = b""
-    while chunk := sock.recv(65536):
-      reply += chunk
-  head, _, payload = reply.partition(b"\r\n\r\n")
-  assert head.startswith(b"HTTP/1.1 411")
-  assert json.loads(payload)["error"]["code"] == "length_required"
-  assert _count(db_path) == 0
+  db_path, httpd, client = served
+  before = snapshot(db_path)
+  status, headers, payload = raw_request(httpd, [
+      "POST /api/judgment HTTP/1.1", f"Host: {host_of(httpd)}",
+      f"Authorization: Bearer {key_for(db_path, 'alice')}", "Content-Type: application/json",
+      "Connection: close"])
+  assert_json_error(status, headers, payload, 411, "length_required")
+  # Chunked bodies are refused too (no Content-Length to bound them by).
+  status, headers, payload = raw_request(httpd, [
+      "POST /api/judgment HTTP/1.1", f"Host: {host_of(httpd)}",
+      f"Authorization: Bearer {key_for(db_path, 'alice')}", "Content-Type: application/json",
+      "Transfer-Encoding: chunked", "Connection: close"], b"2\r\n{}\r\n0\r\n\r\n")
+  assert_json_error(status, headers, payload, 400, "transfer_encoding")
+  before["annotators"] = snapshot(db_path)["annotators"]  # alice's registration only.
+  assert snapshot(db_path) == before
 
 
 def test_routes_methods_and_query_errors(served):
-  _, _, client = served
+  db_path, _, client = served
+  status, body = client.request("POST", "/api/next?annotator=alice", as_="bob")
+  assert status == 400 and body["error"]["code"] == "unexpected_query"
+  status, body = client.request("POST", "/api/next", {"annotator": "alice"}, as_="bob")
+  assert status == 400 and body["error"]["code"] == "bad_body"
+  assert client.request("POST", "/api/next", {}, as_="bob")[0] == 200
   status, body = client.request("GET", "/api/next")
-  assert status == 400 and body["error"]["code"] == "bad_annotator"
-  status, body = client.request("GET", "/api/next?annotator=")
-  assert status == 400 and "empty" in body["error"]["message"]
-  status, body = client.request("GET", "/api/next?annotator=" + "x" * 65)
-  assert status == 400
-  status, body = client.request("POST", "/api/next?annotator=alice", {"x": 1})
   assert status == 405 and body["error"]["code"] == "method_not_allowed"
   status, body = client.request("GET", "/api/judgment")
   assert status == 405 and "POST" in body["error"]["message"]
   status, body = client.request("GET", "/api/nothing")
   assert status == 404 and body["error"]["code"] == "not_found"
-  status, page = client.request("GET", "/")
+  status, text = client.request("GET", "/")
   assert status == 200
-  for text in ("Helpful", "Honest", "Harmless", "Concise", "Well formatted",
-               "harmless &gt; honest &gt; helpful", 'id="choose-A"', 'id="choose-skip"'):
-    assert text in page
-  status, stats = client.request("GET", "/api/stats")
+  for needle in ("Helpful", "Honest", "Harmless", "Concise", "Well formatted",
+                 "harmless &gt; honest &gt; helpful", 'id="choose-A"', 'id="choose-skip"'):
+    assert needle in text
+  status, stats = client.request("GET", "/api/stats", as_="bob")
   assert status == 200 and stats["items"] == 18
+  assert _count(db_path, "assignments") == 1  # bob's one lease; nothing else made any.
 
 
 def test_leases_are_exclusive_and_expire(round_db):
@@ -261,7 +346,7 @@ def test_concurrent_annotators_never_share_an_item_and_store_each_judgment_once(
     rng = random.Random(name)
     try:
       while True:
-        status, body = client.request("GET", f"/api/next?annotator={name}")
+        body = client.next_response(name)
         a = body["assignment"]
         if a is None:
           # Nothing for me now; a re-annotation of my own item waits for someone else, so
@@ -416,3 +501,660 @@ def test_connect_refuses_missing_or_foreign_databases(tmp_path):
   make_round(tmp_path / "r.db")
   with pytest.raises(FileExistsError):
     db_lib.create(tmp_path / "r.db", {})
+
+
+# ---------------------------------------------------------------------------------------------
+# Attacks: identity
+# ---------------------------------------------------------------------------------------------
+
+
+def test_api_needs_a_valid_key(served):
+  db_path, httpd, client = served
+  a = client.next("alice")
+  key_for(db_path, "bob")
+  before = snapshot(db_path)
+  body = {k: a[k] for k in ("item_id", "assignment_id", "token")} | {"choice": "A"}
+  forged = "A" * 43  # Well-formed, but nobody's key.
+  for method, path, payload in (("POST", "/api/next", None), ("POST", "/api/judgment", body),
+                                ("GET", "/api/stats", None)):
+    for auth, code in ((None, "unauthorized"), (f"Bearer {forged}", "bad_key"),
+                       (("Bearer " + "ключ" * 10).encode(), "bad_key"), ("Bearer", "bad_key"),
+                       (f"Basic {key_for(db_path, 'alice')}", "unauthorized"),
+                       (f"Bearer {key_for(db_path, 'alice')[:-1]}", "bad_key")):
+      headers = {} if auth is None else {"Authorization": auth}
+      status, resp_headers, raw = client.request(method, path, payload, headers, raw=True)
+      assert_json_error(status, {k.lower(): v for k, v in resp_headers.items()}, raw, 401, code)
+      assert resp_headers["WWW-Authenticate"].startswith("Bearer")
+  # The old way of saying who you are does nothing.
+  status, answer = client.request("GET", "/api/next?annotator=alice")
+  assert status == 405, answer
+  # Two Authorization headers (a proxy's and the client's, say): refused, not guessed.
+  status, headers, payload = raw_request(httpd, [
+      "POST /api/next HTTP/1.1", f"Host: {host_of(httpd)}", "Content-Length: 0",
+      f"Authorization: Bearer {key_for(db_path, 'bob')}",
+      f"Authorization: Bearer {key_for(db_path, 'alice')}", "Connection: close"])
+  assert_json_error(status, headers, payload, 401, "unauthorized")
+  assert snapshot(db_path) == before
+
+
+def test_an_annotator_cannot_act_for_another(served):
+  db_path, _, client = served
+  a = client.next("alice")
+  before = snapshot(db_path)
+  # Bob holds alice's assignment id and token (read off her screen): still not his.
+  status, body = client.submit(a, "bob", "A")
+  assert status == 403 and body["error"]["code"] == "wrong_annotator", body
+  before["annotators"] = snapshot(db_path)["annotators"]  # bob's registration.
+  assert snapshot(db_path) == before
+  # Bob's own next never hands him alice's open lease.
+  assert client.next("bob")["item_id"] != a["item_id"]
+
+
+def test_annotators_see_counts_but_no_names(served):
+  db_path, _, client = served
+  for name in ("alice", "bob"):
+    assert client.submit(client.next(name), name, "A")[0] == 201
+  status, _, raw = client.request("GET", "/api/stats", as_="alice", raw=True)
+  assert status == 200
+  stats = json.loads(raw)
+  assert "by_annotator" not in stats and stats["annotators_with_judgments"] == 2
+  assert stats["judgments"] == 2
+  assert b"alice" not in raw and b"bob" not in raw
+  # The admin's view (the database file) has them.
+  full = report.collection_stats(db_lib.connect(db_path))
+  assert full["by_annotator"] == {"alice": 1, "bob": 1}
+
+
+def test_keys_are_stored_hashed_and_replace_revokes_the_old_link(served):
+  db_path, _, client = served
+  conn = db_lib.connect(db_path)
+  name, key = db_lib.add_annotator(conn, "Carol")
+  assert name == "carol" and re.fullmatch(r"[A-Za-z0-9_-]{43}", key)
+  stored = rows(db_path, "SELECT * FROM annotators WHERE name = 'carol'")[0]
+  assert stored["key_sha256"] == hashlib.sha256(key.encode()).hexdigest()
+  conn.close()
+  for path in (db_path, db_path.with_name(db_path.name + "-wal")):
+    if path.exists():
+      assert key.encode() not in path.read_bytes()  # The key itself is nowhere on disk.
+  headers = {"Authorization": f"Bearer {key}"}
+  assert client.request("POST", "/api/next", headers=headers)[1]["annotator"] == "carol"
+  conn = db_lib.connect(db_path)
+  with pytest.raises(db_lib.CollectError, match="already exists") as err:
+    db_lib.add_annotator(conn, "CAROL")
+  assert err.value.status == 409
+  _, new_key = db_lib.add_annotator(conn, "carol", replace=True)
+  conn.close()
+  status, body = client.request("POST", "/api/next", headers=headers)
+  assert status == 401 and body["error"]["code"] == "bad_key"
+  status, body = client.request("POST", "/api/next", headers={"Authorization":
+                                                              f"Bearer {new_key}"})
+  assert status == 200 and body["annotator"] == "carol"
+
+
+# ---------------------------------------------------------------------------------------------
+# Attacks: leases
+# ---------------------------------------------------------------------------------------------
+
+
+def test_get_and_head_never_lease(served):
+  db_path, httpd, client = served
+  key_for(db_path, "alice")
+  before = snapshot(db_path)
+  for method in ("GET", "HEAD"):
+    for path in ("/api/next", "/api/next?annotator=alice"):
+      status, headers, _ = client.request(method, path, as_="alice", raw=True)
+      assert status == 405 and headers["Allow"] == "POST"
+    for path in ("/", "/page.js", "/page.css", "/healthz", "/api/stats"):
+      assert client.request(method, path, as_="alice", raw=True)[0] == 200
+  # What an <img src="http://127.0.0.1:PORT/api/next?annotator=x"> on another page sends.
+  status, headers, payload = raw_request(httpd, [
+      "GET /api/next?annotator=x HTTP/1.1", f"Host: {host_of(httpd)}", "Accept: image/*",
+      "Sec-Fetch-Site: cross-site", "Sec-Fetch-Mode: no-cors", "Sec-Fetch-Dest: image",
+      "Connection: close"])
+  assert_json_error(status, headers, payload, 405, "method_not_allowed")
+  assert snapshot(db_path) == before
+
+
+def test_made_up_names_cannot_reserve_the_queue(served):
+  db_path, _, client = served
+  key_for(db_path, "alice")
+  before = snapshot(db_path)
+  rng = random.Random(0)
+  for i in range(24):  # The tester's 24 made-up annotators, now with made-up keys.
+    fake = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789_-") for _ in range(43))
+    status, body = client.request("POST", "/api/next", headers={
+        "Authorization": f"Bearer {fake}"})
+    assert status == 401, (i, body)
+  assert snapshot(db_path) == before
+  # A real annotator gets the head of the queue, and asking again does not take more.
+  first = client.next("alice")
+  assert first["item_id"] == rows(db_path, "SELECT id FROM items ORDER BY queue_order "
+                                  "LIMIT 1")[0][0]
+  for _ in range(10):
+    assert client.next("alice") == first
+  assert _count(db_path, "assignments") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Attacks: Host and Origin (DNS rebinding, cross-site requests)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_host_must_name_this_server(served):
+  db_path, httpd, _ = served
+  port = httpd.server_address[1]
+  auth = f"Authorization: Bearer {key_for(db_path, 'alice')}"
+  before = snapshot(db_path)
+  for path, method in (("/", "GET"), ("/healthz", "GET"), ("/page.js", "GET"),
+                       ("/api/next", "POST"), ("/api/stats", "GET")):
+    for hosts in ([f"evil.example:{port}"], ["evil.example"], [f"127.0.0.1:{port + 1}"],
+                  [f"127.0.0.2:{port}"], [], [f"127.0.0.1:{port}", "evil.example"]):
+      status, headers, payload = raw_request(httpd, [
+          f"{method} {path} HTTP/1.1", *(f"Host: {h}" for h in hosts), auth,
+          "Content-Length: 0", "Connection: close"])
+      assert_json_error(status, headers, payload, 400, "bad_host")
+    # HTTP/1.0 without Host: same.
+    status, headers, payload = raw_request(httpd, [f"{method} {path} HTTP/1.0", auth,
+                                                   "Content-Length: 0"])
+    assert_json_error(status, headers, payload, 400, "bad_host")
+  # An absolute-form target cannot smuggle another authority past the Host check.
+  status, headers, payload = raw_request(httpd, [
+      f"GET http://evil.example:{port}/healthz HTTP/1.1", "Host: evil.example",
+      "Connection: close"])
+  assert_json_error(status, headers, payload, 400, "bad_host")
+  assert snapshot(db_path) == before
+  # The loopback names of the served address all work (a browser may use any of them).
+  for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}",
+               f"[::1]:{port}"):
+    status, _, payload = raw_request(httpd, ["GET /healthz HTTP/1.1", f"Host: {host}",
+                                             "Connection: close"])
+    assert status == 200 and json.loads(payload) == {"ok": True}
+
+
+def test_origin_must_be_this_server(served):
+  db_path, httpd, client = served
+  port = httpd.server_address[1]
+  key_for(db_path, "alice")
+  before = snapshot(db_path)
+  for headers, code in (({"Origin": "http://evil.example"}, "bad_origin"),
+                        ({"Origin": "null"}, "bad_origin"),
+                        ({"Origin": f"http://127.0.0.1:{port + 1}"}, "bad_origin"),
+                        ({"Origin": f"http://127.0.0.1:{port}.evil.example"}, "bad_origin"),
+                        ({"Sec-Fetch-Site": "cross-site"}, "cross_site"),
+                        ({"Sec-Fetch-Site": "same-site"}, "cross_site")):
+    for method, path in (("POST", "/api/next"), ("GET", "/api/stats")):
+      status, body = client.request(method, path, headers=headers, as_="alice")
+      assert status == 403 and body["error"]["code"] == code, (headers, body)
+  assert snapshot(db_path) == before
+  for origin in (f"http://127.0.0.1:{port}", f"http://localhost:{port}"):
+    status, body = client.request("POST", "/api/next", headers={
+        "Origin": origin, "Sec-Fetch-Site": "same-origin"}, as_="alice")
+    assert status == 200 and body["assignment"] is not None
+
+
+def test_served_addresses_and_public_url(round_db):
+  hosts, origins = server_lib.served_addresses("127.0.0.1", 8000)
+  assert {"127.0.0.1:8000", "localhost:8000", "[::1]:8000"} <= hosts
+  assert "http://localhost:8000" in origins
+  hosts, origins = server_lib.served_addresses("10.1.2.3", 8000)
+  assert hosts == {"10.1.2.3:8000"} and origins == {"http://10.1.2.3:8000"}
+  with pytest.raises(ValueError, match="public_url"):
+    server_lib.served_addresses("0.0.0.0", 8000)
+  hosts, origins = server_lib.served_addresses("0.0.0.0", 8000,
+                                               "https://Annotate.Lab.example:443/")
+  assert hosts == {"annotate.lab.example"} and origins == {"https://annotate.lab.example"}
+  for bad in ("ftp://x/", "http://x/sub/path", "http://x:99999/", "http:///"):
+    with pytest.raises(ValueError, match="public_url"):
+      server_lib.served_addresses("127.0.0.1", 8000, bad)
+  # Behind a proxy: the proxy's name is accepted, and the login link uses it.
+  with running_server(round_db, public_url="http://annotate.lab.example:8443/") as httpd:
+    assert httpd.url == "http://annotate.lab.example:8443/"
+    for host, status in (("annotate.lab.example:8443", 200), (host_of(httpd), 200),
+                         ("annotate.lab.example", 400)):
+      got, _, _ = raw_request(httpd, ["GET /healthz HTTP/1.1", f"Host: {host}",
+                                      "Connection: close"])
+      assert got == status, host
+
+
+# ---------------------------------------------------------------------------------------------
+# Attacks: methods and malformed requests
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_method_and_malformed_request_gets_a_json_4xx_with_headers(served):
+  db_path, httpd, _ = served
+  host = f"Host: {host_of(httpd)}"
+  key_for(db_path, "alice")
+  before = snapshot(db_path)
+  for method in ("PATCH", "OPTIONS", "TRACE", "PUT", "DELETE", "PROPFIND", "FOO"):
+    status, headers, payload = raw_request(httpd, [f"{method} /api/judgment HTTP/1.1", host,
+                                                   "Connection: close"])
+    assert_json_error(status, headers, payload, 405, "method_not_allowed")
+    assert headers["allow"] == "POST"
+    status, headers, payload = raw_request(httpd, [f"{method} /nowhere HTTP/1.1", host,
+                                                   "Connection: close"])
+    assert_json_error(status, headers, payload, 404, "not_found")
+  for lines, status_code, code in (
+      (["GARBAGE"], 400, "bad_request"),
+      (["GET /"], 400, "bad_request"),  # HTTP/0.9: no Host, no headers; not served.
+      (["GET / HTTP/1.1 extra"], 400, "bad_request"),
+      (["GET / HTTP/x.y", host], 400, "bad_request"),
+      (["GET /" + "a" * 70000 + " HTTP/1.1", host], 414, "uri_too_long"),
+      (["GET / HTTP/1.1", host, *(f"X-{i}: {i}" for i in range(120))], 431,
+       "headers_too_large"),
+      (["GET / HTTP/1.1", host, "X-Long: " + "a" * 70000], 431, "headers_too_large"),
+      (["GET / HTTP/2.0", host], 505, "http_version_not_supported")):
+    status, headers, payload = raw_request(httpd, lines)
+    assert_json_error(status, headers, payload, status_code, code)
+  assert snapshot(db_path) == before
+
+
+def test_page_has_no_inline_code_and_headers_forbid_it(served):
+  _, _, client = served
+  status, headers, raw = client.request("GET", "/", raw=True)
+  html = raw.decode()
+  assert status == 200
+  csp = headers["Content-Security-Policy"]
+  assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
+  assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+  assert "require-trusted-types-for 'script'" in csp
+  assert re.findall(r"<script\b[^>]*>", html) == ['<script src="/page.js" defer>']
+  assert "<style" not in html and not re.search(r"\sstyle=", html)
+  assert not re.search(r"\son[a-z]+=", html)  # No inline event handlers either.
+  status, headers, raw = client.request("GET", "/page.js", raw=True)
+  assert status == 200 and headers["Content-Type"].startswith("text/javascript")
+  assert raw.decode() == page.SCRIPT and "innerHTML" not in page.SCRIPT
+  status, headers, raw = client.request("GET", "/page.css", raw=True)
+  assert status == 200 and headers["Content-Type"].startswith("text/css")
+  assert "overflow-wrap: anywhere" in raw.decode()
+
+
+def test_page_script_marks_exactly_the_bidi_controls():
+  names = re.search(r"const BIDI_NAMES = \{(.*?)\};", page.SCRIPT, re.S).group(1)
+  marked = {chr(int(h, 16)) for h in re.findall(r'"\\u([0-9A-F]{4})":', names)}
+  assert marked == report.BIDI_CONTROLS
+  split = re.search(r"const BIDI_SPLIT = /\(\[(.*?)\]\)/;", page.SCRIPT).group(1)
+  ranges = re.findall(r"\\u([0-9A-F]{4})(?:-\\u([0-9A-F]{4}))?", split)
+  in_split = {chr(c) for lo, hi in ranges for c in range(int(lo, 16), int(hi or lo, 16) + 1)}
+  assert in_split == report.BIDI_CONTROLS
+  # Unicode's Bidi_Control property, from the standard library's own tables.
+  import unicodedata
+  assert report.BIDI_CONTROLS == {chr(c) for c in range(0x10000)
+                                  if unicodedata.bidirectional(chr(c)) in
+                                  ("LRE", "RLE", "PDF", "LRO", "RLO", "LRI", "RLI", "FSI",
+                                   "PDI")} | {"\u061c", "\u200e", "\u200f"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Attacks: slow and idle connections
+# ---------------------------------------------------------------------------------------------
+
+
+def _closed_within(sock, seconds):
+  """True when the server closes (or resets) the connection within `seconds`."""
+  sock.settimeout(seconds)
+  try:
+    while sock.recv(65536):
+      pass  # An error answer may come first; the close is what counts.
+    return True
+  except (ConnectionResetError, BrokenPipeError):
+    return True
+  except socket.timeout:
+    return False
+
+
+def test_half_open_connections_time_out(round_db):
+  with running_server(round_db, io_timeout_s=0.5, request_timeout_s=30) as httpd:
+    threads_before = threading.active_count()
+    socks = [socket.create_connection(httpd.server_address[:2], timeout=5) for _ in range(40)]
+    try:
+      for i, sock in enumerate(socks):  # Idle, or stopped half-way through a request line.
+        if i % 2:
+          sock.sendall(b"POST /api/judgment HTTP/1.1\r\nHost: ")
+      start = time.monotonic()
+      assert all(_closed_within(sock, 5) for sock in socks)
+      assert time.monotonic() - start < 5
+    finally:
+      for sock in socks:
+        sock.close()
+    deadline = time.monotonic() + 5
+    while threading.active_count() > threads_before and time.monotonic() < deadline:
+      time.sleep(0.05)
+    assert threading.active_count() <= threads_before  # Their threads are gone too.
+    assert Client(httpd).request("GET", "/healthz")[0] == 200
+
+
+def test_trickling_request_is_cut_at_the_request_deadline(round_db):
+  with running_server(round_db, io_timeout_s=2, request_timeout_s=1) as httpd:
+    sock = socket.create_connection(httpd.server_address[:2], timeout=5)
+    start, cut = time.monotonic(), False
+    try:
+      for byte in b"GET /healthz HTTP/1.1\r\nX-Slow: " + b"a" * 100:
+        try:
+          sock.sendall(bytes([byte]))  # One byte per 0.2 s: each read is well within 2 s.
+        except (BrokenPipeError, ConnectionResetError):
+          cut = True
+          break
+        if _closed_within(sock, 0.2):
+          cut = True
+          break
+    finally:
+      sock.close()
+    assert cut and time.monotonic() - start < 4
+
+
+def test_connections_beyond_the_limit_get_503(round_db):
+  with running_server(round_db, io_timeout_s=3, max_connections=3) as httpd:
+    idle = [socket.create_connection(httpd.server_address[:2], timeout=5) for _ in range(3)]
+    try:
+      time.sleep(0.3)  # Accepted, each on its thread, waiting for a request line.
+      with socket.create_connection(httpd.server_address[:2], timeout=5) as extra:
+        reply = b""
+        while chunk := extra.recv(65536):  # Answered on accept, before any request.
+          reply += chunk
+      head, _, payload = reply.partition(b"\r\n\r\n")
+      assert head.startswith(b"HTTP/1.1 503 ")
+      assert json.loads(payload)["error"]["code"] == "busy"
+      assert b"Content-Security-Policy: " + server_lib.SECURITY_HEADERS[
+          "Content-Security-Policy"].encode() in head
+    finally:
+      for sock in idle:
+        sock.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # The slots come back as their threads end.
+      status, _, _ = raw_request(httpd, ["GET /healthz HTTP/1.1", f"Host: {host_of(httpd)}",
+                                         "Connection: close"])
+      if status == 200:
+        break
+      time.sleep(0.1)
+    assert status == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# Names, the end of the queue, old databases
+# ---------------------------------------------------------------------------------------------
+
+
+def test_names_are_case_folded(round_db):
+  assert db_lib.check_annotator("  Alice ") == "alice"
+  assert db_lib.check_annotator("ＡＬＩＣＥ") == "alice"  # Fullwidth letters: NFKC.
+  assert db_lib.check_annotator("Straße") == db_lib.check_annotator("STRASSE") == "strasse"
+  for bad in ("ali\u202ece", "bob\u200b", "tab\there", "\ud800", "", "x" * 65):
+    with pytest.raises(db_lib.CollectError) as err:
+      db_lib.check_annotator(bad)
+    assert err.value.status == 400
+  conn = db_lib.connect(round_db)
+  assert db_lib.add_annotator(conn, "Alice")[0] == "alice"
+  with pytest.raises(db_lib.CollectError, match="already exists"):
+    db_lib.add_annotator(conn, "ALICE")
+  # "Alice" resumes alice's lease, and never gets her items as a second opinion.
+  first = db_lib.next_assignment(conn, "alice", now=1e6)
+  assert db_lib.next_assignment(conn, "Alice", now=1e6) == first
+  db_lib.submit_judgment(conn, assignment_id=first["assignment_id"], item_id=first["item_id"],
+                         token=first["token"], annotator="ALICE", choice="A", now=1e6)
+  served = [first["item_id"]]
+  while (a := db_lib.next_assignment(conn, "Alice", now=1e6)) is not None:
+    served.append(a["item_id"])
+    db_lib.submit_judgment(conn, assignment_id=a["assignment_id"], item_id=a["item_id"],
+                           token=a["token"], annotator="alice", choice="A", now=1e6)
+  assert {r[0] for r in conn.execute("SELECT DISTINCT annotator FROM judgments")} == {"alice"}
+  stats = report.collection_stats(conn)
+  # One person: every re-annotation is a self-repeat, none counts as agreement of two.
+  assert stats["agreement"]["same_annotator_items"] == stats["agreement"]["items"] == 4
+  conn.close()
+
+
+def _one_item_round(path, target):
+  conn = db_lib.create(path, {})
+  db_lib.add_round(conn, [("p", "test:0")], [[db_lib.Response("left text", True, 2),
+                                               db_lib.Response("right text", True, 2)]],
+                   repeat_fraction=1.0 if target == 2 else 0.0)
+  return conn
+
+
+def _judge(conn, name, choice, now):
+  a = db_lib.next_assignment(conn, name, now=now)
+  assert a is not None, name
+  db_lib.submit_judgment(conn, assignment_id=a["assignment_id"], item_id=a["item_id"],
+                         token=a["token"], annotator=name, choice=choice, now=now)
+  return a
+
+
+def test_reannotation_skipped_by_the_other_annotator_is_not_needed_for_ever(tmp_path):
+  conn = _one_item_round(tmp_path / "c.db", target=2)
+  for name in ("alice", "bob"):
+    db_lib.add_annotator(conn, name)
+  _judge(conn, "alice", "A", 1e6)
+  # Bob has not seen it: the second opinion is his to give, not alice's.
+  assert db_lib.next_assignment(conn, "alice", now=1e6 + 1) is None
+  p = db_lib.progress(conn, "alice", now=1e6 + 1)
+  assert p == dict(remaining=1, leased=0, for_you=0, for_others=1, no_annotator_left=0,
+                   judged_by_you=1)
+  _judge(conn, "bob", "skip", 1e6 + 2)
+  # Nobody else can: alice re-annotates it herself (self-consistency), and the queue ends.
+  assert db_lib.progress(conn, "alice", now=1e6 + 3)["for_you"] == 1
+  a = _judge(conn, "alice", "B", 1e6 + 3)
+  assert a["item_id"] == 1
+  assert db_lib.progress(conn, "alice", now=1e6 + 4)["remaining"] == 0
+  stats = report.collection_stats(conn)
+  assert stats["judgments_needed"] == 0 and stats["agreement"]["same_annotator_items"] == 1
+  conn.close()
+
+
+def test_a_comparison_everyone_skipped_is_reported_not_waited_for(tmp_path):
+  conn = _one_item_round(tmp_path / "c.db", target=1)
+  for name in ("alice", "bob"):
+    db_lib.add_annotator(conn, name)
+  _judge(conn, "alice", "skip", 1e6)
+  assert db_lib.progress(conn, "alice", now=1e6)["for_others"] == 1  # bob may still.
+  _judge(conn, "bob", "skip", 1e6)
+  for name in ("alice", "bob"):
+    assert db_lib.next_assignment(conn, name, now=1e6) is None
+    assert db_lib.progress(conn, name, now=1e6)["no_annotator_left"] == 1
+  stats = report.collection_stats(conn)
+  assert stats["judgments_needed"] == stats["judgments_no_annotator_left"] == 1
+  assert "1 that no annotator can give" in report.format_stats(stats)
+  db_lib.add_annotator(conn, "carol")  # A new annotator can.
+  assert db_lib.progress(conn, "alice", now=1e6)["for_others"] == 1
+  _judge(conn, "carol", "A", 1e6)
+  assert db_lib.progress(conn, now=1e6)["remaining"] == 0
+  conn.close()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_progress_agrees_with_the_queue(tmp_path, seed):
+  """Random annotators, random skips: `for_you` is non-zero exactly when next_assignment has
+  something new, the parts add up, and when everyone's queue is empty whatever is still
+  needed is reported as needing a new annotator."""
+  path = tmp_path / "c.db"
+  make_round(path, n_prompts=3, k=3, repeat_fraction=0.5, seed=seed)
+  conn = db_lib.connect(path)
+  names = ["ann0", "ann1", "ann2"]
+  for name in names[:2]:
+    db_lib.add_annotator(conn, name)  # ann2 is unregistered: known by its judgments only.
+  rng, now, served = random.Random(seed), 1e6, True
+  while served:  # Rounds in random order, until one round serves nobody anything.
+    served = False
+    for name in rng.sample(names, len(names)):
+      p = db_lib.progress(conn, name, now=now)
+      assert p["leased"] + p["for_you"] + p["for_others"] + p["no_annotator_left"] == (
+          p["remaining"])
+      a = db_lib.next_assignment(conn, name, now=now)
+      assert (a is not None) == (p["for_you"] > 0), (name, p)
+      if a is None:
+        continue
+      served = True
+      choice = rng.choice(["A", "B", "tie", "skip", "skip"])
+      db_lib.submit_judgment(conn, assignment_id=a["assignment_id"], item_id=a["item_id"],
+                             token=a["token"], annotator=name, choice=choice, now=now)
+      now += 1
+  final = db_lib.progress(conn, now=now)
+  assert final["remaining"] == final["no_annotator_left"] and final["for_others"] == 0
+  conn.close()
+
+
+def test_an_old_database_opens_and_is_upgraded_in_place(tmp_path):
+  path = tmp_path / "collect.db"
+  make_round(path)
+  conn = db_lib.connect(path)
+  a = db_lib.next_assignment(conn, "alice")
+  db_lib.submit_judgment(conn, assignment_id=a["assignment_id"], item_id=a["item_id"],
+                         token=a["token"], annotator="alice", choice="A")
+  conn.close()
+  # Back to what a schema-1 server wrote: no annotators table, version 1.
+  import sqlite3
+  raw = sqlite3.connect(path)
+  raw.execute("DROP TABLE annotators")
+  raw.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+  raw.commit()
+  raw.close()
+  old = snapshot_without_annotators(path)
+  errors = []
+
+  def open_it():
+    try:
+      db_lib.connect(path).close()
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(repr(e))
+
+  # Eight processes' worth of connections at once (a server's request threads): one upgrade.
+  threads = [threading.Thread(target=open_it) for _ in range(8)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=60)
+  assert not errors, errors
+  for _ in range(2):  # Opening again changes nothing.
+    conn = db_lib.connect(path)
+    assert db_lib.get_meta(conn)["schema_version"] == db_lib.SCHEMA_VERSION == 2
+    assert db_lib.annotators(conn) == []
+    conn.close()
+  new = snapshot_without_annotators(path)
+  old["meta"] = [r for r in old["meta"] if r[0] != "schema_version"]
+  new["meta"] = [r for r in new["meta"] if r[0] != "schema_version"]
+  assert new == old  # Not one existing row rewritten.
+  conn = db_lib.connect(path)
+  _, key = db_lib.add_annotator(conn, "Alice")  # Her old judgments are hers.
+  assert db_lib.progress(conn, "alice")["judged_by_you"] == 1
+  conn.close()
+  with running_server(path) as httpd:
+    client = Client(httpd)
+    status, body = client.request("POST", "/api/next", headers={"Authorization":
+                                                                f"Bearer {key}"})
+    assert status == 200 and body["progress"]["judged_by_you"] == 1
+    assert body["assignment"]["item_id"] != a["item_id"]
+    client.close()
+
+
+def snapshot_without_annotators(path):
+  return {t: [tuple(r) for r in rows(path, f"SELECT * FROM {t} ORDER BY 1")]
+          for t in TABLES if t != "annotators"}
+
+
+def test_bidi_controls_are_counted_in_export_and_stats(tmp_path):
+  from test_collect_support import make_custom_round
+  path = tmp_path / "c.db"
+  make_custom_round(path, ["plain prompt", "evil \u202eprompt"],
+                    [["a b", "c d"], ["x \u2066y\u2069", "plain"]])
+  conn = db_lib.connect(path)
+  db_lib.record_labels(conn, [(1, "a", "x"), (2, "b", "x")], labeler="test")
+  counts = report.export_preferences(conn, tmp_path / "p.jsonl")
+  assert counts["pairs"] == 2 and counts["pairs_with_bidi_controls"] == 1
+  records = [json.loads(l) for l in (tmp_path / "p.jsonl").read_text().splitlines()]
+  assert "\u202e" in records[1]["prompt"]  # Exported exactly as stored.
+  stats = report.collection_stats(conn)
+  assert stats["texts_with_bidi_controls"] == {"prompts": 1, "responses": 1}
+  assert "1 prompts, 1 responses" in report.format_stats(stats)
+  conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "rlhf_jax.collect", *map(str, args)],
+                        capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+
+
+def test_cli_add_annotator_prints_a_login_link_that_works(round_db):
+  proc = _cli("add-annotator", "Dora", f"--db={round_db}", "--port=8123")
+  assert proc.returncode == 0, proc.stderr
+  link = proc.stdout.strip().splitlines()[-1]
+  match = re.fullmatch(r"http://127\.0\.0\.1:8123/#key=([A-Za-z0-9_-]{43})", link)
+  assert match, proc.stdout
+  conn = db_lib.connect(round_db)
+  assert db_lib.authenticate(conn, match.group(1)) == "dora"
+  conn.close()
+  proc = _cli("add-annotator", "DORA", f"--db={round_db}")
+  assert proc.returncode == 1 and "already exists" in proc.stderr
+  assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+  proc = _cli("add-annotator", "dora", f"--db={round_db}", "--replace",
+              "--public_url=https://annotate.lab.example/")
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.strip().splitlines()[-1].startswith("https://annotate.lab.example/#key=")
+  conn = db_lib.connect(round_db)
+  assert db_lib.authenticate(conn, match.group(1)) is None  # The old link is dead.
+  conn.close()
+  for args in (["add-annotator"], ["add-annotator", "a", "b"],
+               ["add-annotator", "x", f"--db={round_db}", "--host=0.0.0.0"]):
+    proc = _cli(*args)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_cli_generate_without_a_policy_is_one_clear_line(tmp_path):
+  proc = _cli("generate", "--config=experiments/collect/review_world.py",
+              f"--workdir={tmp_path / 'round'}")
+  assert proc.returncode == 1
+  assert proc.stderr.strip() == ("collect generate: required config values are unset: "
+                                 "config.policy.path (set them with --config.KEY=VALUE)")
+  assert not (tmp_path / "round").exists()
+
+
+def _documented_collect_commands():
+  """Every `python -m rlhf_jax.collect ...` command in the README and the round's config."""
+  texts = [(REPO_ROOT / "README.md").read_text(),
+           (REPO_ROOT / "experiments" / "collect" / "review_world.py").read_text()]
+  commands = []
+  for text in texts:
+    joined = re.sub(r"\\\n\s*", " ", text)
+    for line in joined.splitlines():
+      if "python -m rlhf_jax.collect " in line:
+        commands.append(line[line.index("python -m"):].split("#")[0].split())
+  return commands
+
+
+def test_documented_collect_commands_parse():
+  """The README's and review_world.py's collect commands name real commands, flags and config
+  keys (the README once sent generate off without config.policy.path)."""
+  commands = _documented_collect_commands()
+  assert {c[3] for c in commands} >= {"generate", "add-annotator", "serve", "export"}
+  probe = _cli_flags()
+  from conftest import experiment_config
+  for command in commands:
+    assert command[3] in probe["commands"], command
+    positional = [t for t in command[4:] if not t.startswith("--")]
+    assert len(positional) == (1 if command[3] == "add-annotator" else 0), command
+    for token in command[4:]:
+      if not token.startswith("--"):
+        continue
+      name = token[2:].split("=")[0]
+      if name.startswith("config."):
+        config = experiment_config("collect/review_world.py", arg="", tiny=False)
+        node = config
+        for part in name.split(".")[1:]:
+          assert part in node, (command, name)
+          node = node[part]
+      else:
+        assert name in probe["flags"], (command, name)
+    if command[3] == "generate":
+      assert any(t.startswith("--config.policy.path=") for t in command), command
+
+
+def _cli_flags():
+  out = subprocess.run([sys.executable, "-c", (
+      "import json; from absl import flags; import rlhf_jax.collect.__main__ as m; "
+      "print(json.dumps({'flags': list(flags.FLAGS), 'commands': list(m.COMMANDS)}))")],
+      capture_output=True, text=True, cwd=REPO_ROOT, timeout=120, check=True)
+  return json.loads(out.stdout)

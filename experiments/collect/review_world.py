@@ -6,7 +6,10 @@
   #    ~120 of them drawn for re-annotation), into /tmp/round1/collect.db.
   python -m rlhf_jax.collect generate --config=experiments/collect/review_world.py \
       --config.policy.path=/tmp/qs/sft --workdir=/tmp/round1
-  # 3. Annotate in a browser (http://127.0.0.1:8000/), then look at agreement and bias.
+  # 3. Annotate in a browser: one login link per annotator (printed once; --replace makes
+  #    a new one), then serve; each annotator opens their link. Then agreement and bias.
+  python -m rlhf_jax.collect add-annotator alice --workdir=/tmp/round1 --port=8000
+  python -m rlhf_jax.collect add-annotator bob --workdir=/tmp/round1 --port=8000
   python -m rlhf_jax.collect serve --workdir=/tmp/round1 --port=8000
   python -m rlhf_jax.collect stats --workdir=/tmp/round1
   # 3'. Or label synthetically with the gold reward (temperature > 0 = Bradley-Terry noise).

@@ -20,6 +20,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rlhf_jax import configs, models, parallel
+from rlhf_jax.train import checkpoint as ckpt_lib
 from rlhf_jax.train import task as task_lib
 
 # Written by orbax when a step is committed (rlhf_jax.train.checkpoint checks the same file):
@@ -48,12 +49,20 @@ def checkpoint_directory(path: str | os.PathLike) -> str:
 
 
 def latest_committed_step(directory: str) -> int:
+  """The newest step that was committed and whose files match their integrity manifest (a
+  step saved before manifests existed counts as committed)."""
   steps = sorted((int(n) for n in os.listdir(directory) if n.isdigit()), reverse=True)
   for step in steps:
-    if os.path.isfile(os.path.join(directory, str(step), _COMMIT_MARKER)):
-      return step
-    logging.warning("%s/%d: not committed (an unfinished save); trying an older step",
-                    directory, step)
+    step_dir = os.path.join(directory, str(step))
+    if not os.path.isfile(os.path.join(step_dir, _COMMIT_MARKER)):
+      logging.warning("%s: not committed (an unfinished save); trying an older step", step_dir)
+      continue
+    try:
+      ckpt_lib.verify_manifest(step_dir)
+    except ckpt_lib.IntegrityError as e:
+      logging.warning("%s: %s; trying an older step", step_dir, e)
+      continue
+    return step
   raise FileNotFoundError(f"{directory}: no committed checkpoint step (found step "
                           f"directories {sorted(steps)}); point at a stage workdir or its "
                           "checkpoints/ directory")

@@ -7,7 +7,7 @@ item, store a judgment) runs in a `BEGIN IMMEDIATE` transaction, which takes SQL
 lock up front, so two threads (or two processes) can never both see an item as free and both
 take it.
 
-Schema (version 1):
+Schema (version 2; a version-1 file is upgraded in place by `connect`, see `_MIGRATIONS`):
 
   meta(key, value)                       generate config, world seed, schema version, ...
   prompts(id, text, source)
@@ -24,6 +24,13 @@ Schema (version 1):
       choice is what was pressed: "A" (left), "B" (right), "tie" or "skip"; winner_response
       resolves A/B to a response id, so nothing downstream needs the left/right order.
       UNIQUE(assignment_id) makes a double submission impossible at the storage level too.
+  annotators(name PRIMARY KEY, key_sha256 UNIQUE, created_at)          (version 2)
+      the people the annotation server lets in (`add_annotator`). Only the SHA-256 of each
+      login key is stored: a copy of the database does not let anyone sign in.
+
+Annotator names are case-folded (NFKC + casefold, `check_annotator`) wherever they enter,
+so "Alice" and "alice" are one person: she cannot re-annotate her own items under another
+spelling, and her second look is not counted as agreement between two people.
 
 Queue rules (`next_assignment`), in order, for annotator X:
   1. X's own open lease, if any (a page reload resumes the same comparison, same order).
@@ -31,26 +38,38 @@ Queue rules (`next_assignment`), in order, for annotator X:
      lease. Served as soon as it is available, so agreement accrues from the start.
   3. A fresh item: no judgment (skips do not count) and no open lease, not skipped by X, in
      the seeded random `queue_order`.
-  4. A re-annotation by the same annotator, only while nobody else has judged anything in this
-     database ("to another annotator where there is one"): with a single annotator this
-     measures self-consistency instead of leaving the agreement sample empty.
+  4. A re-annotation by the same annotator, of an item X judged (not skipped) once, when no
+     other person can give the second judgment: every other annotator (registered, or with
+     human judgments in this database) has judged or skipped it already. "To another
+     annotator where there is one": with a single annotator this measures self-consistency
+     instead of leaving the agreement sample empty, and a re-annotation skipped by the only
+     other annotator does not stay needed for ever.
 An item is never leased to two annotators at once: a re-annotation is handed out only after
 the first judgment is stored. Leases expire after `lease_s`; a late submission is still
 accepted unless the item was handed out again in the meantime (then 409 `lease_expired`).
 """
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import random
+import re
 import secrets
 import sqlite3
 import time
+import unicodedata
 from typing import Any, Iterator, Sequence
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CHOICES = ("A", "B", "tie", "skip")
 MAX_ANNOTATOR_LEN = 64
+# Ids are SQLite INTEGERs (signed 64 bit); anything outside is refused before it reaches
+# SQLite, whose binding would raise OverflowError.
+MAX_ID = 2**63 - 1
+# Login keys: secrets.token_urlsafe(32) (43 characters). The pattern is what a key may look
+# like at all; anything else is refused before it is hashed or looked up.
+KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]{20,128}")
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -103,6 +122,20 @@ CREATE INDEX assignments_annotator ON assignments(annotator);
 CREATE INDEX judgments_item ON judgments(item_id);
 CREATE INDEX judgments_annotator ON judgments(annotator);
 """
+# Version 2. Names are check_annotator's; only the SHA-256 (hex) of each login key is stored.
+_ANNOTATORS_TABLE = """
+CREATE TABLE IF NOT EXISTS annotators (
+  name TEXT PRIMARY KEY,
+  key_sha256 TEXT NOT NULL UNIQUE,
+  created_at REAL NOT NULL
+)"""
+_SCHEMA += _ANNOTATORS_TABLE
+
+# Upgrades, applied in order by `connect` to an older file: version -> statements that bring a
+# file of that version to the next. Each statement is idempotent (IF NOT EXISTS), and the
+# upgrade runs in one BEGIN IMMEDIATE transaction that re-reads the version, so two processes
+# opening the same old file at once upgrade it once. Existing rows are never rewritten.
+_MIGRATIONS = {1: [_ANNOTATORS_TABLE]}
 
 
 class CollectError(Exception):
@@ -148,11 +181,25 @@ def connect(path: str | os.PathLike, *, create: bool = False) -> sqlite3.Connect
   conn.execute("PRAGMA synchronous = NORMAL")  # Durable at checkpoints; safe under WAL.
   if not create:
     version = _schema_version(conn)
+    if version in _MIGRATIONS:
+      version = _upgrade(conn)
     if version != SCHEMA_VERSION:
       conn.close()
       raise ValueError(f"{path}: not a collection database of schema version "
                        f"{SCHEMA_VERSION} (found {version!r})")
   return conn
+
+
+def _upgrade(conn: sqlite3.Connection) -> int | None:
+  """Brings an older collection database to SCHEMA_VERSION; returns the version it ends at."""
+  with transaction(conn):
+    version = _schema_version(conn)  # Again, under the write lock.
+    while version in _MIGRATIONS:
+      for statement in _MIGRATIONS[version]:
+        conn.execute(statement)
+      version += 1
+      set_meta(conn, {"schema_version": version})
+  return version
 
 
 def _schema_version(conn: sqlite3.Connection) -> int | None:
@@ -288,31 +335,87 @@ def add_round(conn: sqlite3.Connection, prompts: Sequence[tuple[str, str]],
 
 
 def check_annotator(name: Any) -> str:
-  """A stripped, non-empty name of at most MAX_ANNOTATOR_LEN printable characters."""
+  """The one spelling an annotator's name is stored and compared in: stripped, NFKC-normalised
+  and case-folded ("Alice", "ALICE" and "alice" are one person), non-empty, at most
+  MAX_ANNOTATOR_LEN printable characters (no control, bidi or other formatting characters,
+  which could make two different names look the same)."""
   if not isinstance(name, str):
-    raise CollectError(400, "bad_annotator", f"'annotator' must be a string, got "
+    raise CollectError(400, "bad_annotator", f"an annotator name must be a string, got "
                        f"{type(name).__name__}")
-  name = name.strip()
-  if not name:
-    raise CollectError(400, "bad_annotator", "'annotator' is empty: give your name (or an "
+  if not name.strip():
+    raise CollectError(400, "bad_annotator", "the annotator name is empty: give a name (or an "
                        "anonymous id) so judgments can be attributed and agreement measured")
+  if not name.strip().isprintable():  # Before normalising: NFKC must not launder a control.
+    raise CollectError(400, "bad_annotator", f"the annotator name {name!r} holds control or "
+                       "formatting characters; use printable characters only")
+  name = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold()).strip()
   if len(name) > MAX_ANNOTATOR_LEN or not name.isprintable():
-    raise CollectError(400, "bad_annotator", f"'annotator' must be at most "
+    raise CollectError(400, "bad_annotator", f"an annotator name must be at most "
                        f"{MAX_ANNOTATOR_LEN} printable characters")
   return name
 
 
-# Counts per item: non-skip judgments and open (unjudged, unexpired) leases.
+def _key_sha256(key: str) -> str:
+  return hashlib.sha256(key.encode("ascii")).hexdigest()
+
+
+def add_annotator(conn: sqlite3.Connection, name: str, *, replace: bool = False,
+                  now: float | None = None) -> tuple[str, str]:
+  """Lets a person into the annotation server: returns (their canonical name, login key).
+
+  The key is returned once and never stored, only its SHA-256: whoever holds the database
+  file cannot sign in as anyone. An existing name is refused (409 annotator_exists) unless
+  replace=True, which issues a new key and so revokes the old one (a lost or leaked link).
+  """
+  name = check_annotator(name)
+  key = secrets.token_urlsafe(32)
+  with transaction(conn):
+    exists = conn.execute("SELECT 1 FROM annotators WHERE name = ?", (name,)).fetchone()
+    if exists and not replace:
+      raise CollectError(409, "annotator_exists", f"annotator {name!r} already exists; "
+                         "issue a new login link with --replace (the old link stops working)")
+    conn.execute("INSERT OR REPLACE INTO annotators(name, key_sha256, created_at) "
+                 "VALUES (?, ?, ?)", (name, _key_sha256(key),
+                                      time.time() if now is None else now))
+  return name, key
+
+
+def authenticate(conn: sqlite3.Connection, key: Any) -> str | None:
+  """The annotator whose login key this is, or None (malformed, unknown or replaced key).
+
+  Looked up by the key's SHA-256: how long the lookup takes can tell an attacker about a hash
+  of their own guess, never about a stored key."""
+  if not isinstance(key, str) or not KEY_PATTERN.fullmatch(key):
+    return None
+  row = conn.execute("SELECT name FROM annotators WHERE key_sha256 = ?",
+                     (_key_sha256(key),)).fetchone()
+  return row[0] if row else None
+
+
+def annotators(conn: sqlite3.Connection) -> list[str]:
+  """The registered annotators' names, sorted."""
+  return [r[0] for r in conn.execute("SELECT name FROM annotators ORDER BY name")]
+
+
+# Counts per item: non-skip judgments, open (unjudged, unexpired) leases, and the asking
+# annotator's judgments (all, and non-skip).
 _ITEM_COUNTS = """
   SELECT i.id, i.queue_order, i.target_judgments,
     (SELECT COUNT(*) FROM judgments j WHERE j.item_id = i.id AND j.choice <> 'skip') AS done,
     (SELECT COUNT(*) FROM assignments s WHERE s.item_id = i.id AND s.expires_at > :now
        AND NOT EXISTS (SELECT 1 FROM judgments j WHERE j.assignment_id = s.id)) AS open,
     (SELECT COUNT(*) FROM judgments j WHERE j.item_id = i.id AND j.annotator = :who) AS mine,
+    (SELECT COUNT(*) FROM judgments j WHERE j.item_id = i.id AND j.annotator = :who
+       AND j.choice <> 'skip') AS mine_done,
     (SELECT MIN(j.created_at) FROM judgments j WHERE j.item_id = i.id
        AND j.choice <> 'skip') AS first_at
   FROM items i
 """
+# The people who could give a judgment: registered annotators and anyone with human
+# judgments here (a database used through the library, without registrations). Machine
+# labellers are not people the queue serves.
+_PEOPLE = ("SELECT name FROM annotators "
+           "UNION SELECT annotator FROM judgments WHERE labeler = 'human'")
 
 
 def _pick_item(conn: sqlite3.Connection, annotator: str, now: float) -> tuple[int, bool] | None:
@@ -327,14 +430,16 @@ def _pick_item(conn: sqlite3.Connection, annotator: str, now: float) -> tuple[in
                      args).fetchone()
   if row:
     return row[0], False
-  others = conn.execute("SELECT 1 FROM judgments WHERE annotator <> ? LIMIT 1",
-                        (annotator,)).fetchone()
-  if others is None:
-    # Judged once, by this annotator (mine = 1: never twice by the same person).
-    row = conn.execute(base + "target_judgments = 2 AND done = 1 AND mine = 1 "
-                       "ORDER BY first_at, id LIMIT 1", args).fetchone()
-    if row:
-      return row[0], True
+  # Rule 4: judged once, by this annotator (never twice by the same person), and every other
+  # person has already judged or skipped it.
+  row = conn.execute(
+      f"WITH c AS ({_ITEM_COUNTS}), people AS ({_PEOPLE}) SELECT id FROM c WHERE open = 0 "
+      "AND target_judgments = 2 AND done = 1 AND mine = 1 AND mine_done = 1 AND NOT EXISTS ("
+      "  SELECT 1 FROM people p WHERE p.name <> :who AND NOT EXISTS ("
+      "    SELECT 1 FROM judgments j WHERE j.item_id = c.id AND j.annotator = p.name)) "
+      "ORDER BY first_at, id LIMIT 1", args).fetchone()
+  if row:
+    return row[0], True
   return None
 
 
@@ -352,15 +457,58 @@ def _assignment_json(conn: sqlite3.Connection, assignment: sqlite3.Row) -> dict[
           "B": sides["right"], "expires_at": assignment["expires_at"]}
 
 
-def progress(conn: sqlite3.Connection, annotator: str | None = None) -> dict[str, int]:
-  """Judgments by this annotator, and judgments the queue still needs (targets not met)."""
-  remaining = conn.execute(
-      "SELECT COALESCE(SUM(MAX(i.target_judgments - (SELECT COUNT(*) FROM judgments j "
-      "WHERE j.item_id = i.id AND j.choice <> 'skip'), 0)), 0) FROM items i").fetchone()[0]
-  out = {"remaining": int(remaining)}
-  if annotator is not None:
+def progress(conn: sqlite3.Connection, annotator: str | None = None,
+             now: float | None = None) -> dict[str, int]:
+  """The judgments the queue still needs (`remaining`: targets not met), and who can give them.
+
+  Every needed judgment is counted in exactly one of:
+    leased             its item is leased right now (back in the queue if the lease runs out);
+    for_you            the queue would serve it to `annotator` (only when one is given);
+    for_others         another person can give it: they have not seen the item (or, rule 4,
+                       may re-annotate their own judgment);
+    no_annotator_left  no person can: each one judged or skipped the item already; it needs a
+                       new annotator or a machine labeller (`collect label`).
+  With an annotator, `judged_by_you` too. The page uses this to say why a queue is empty.
+  """
+  now = time.time() if now is None else now
+  who = check_annotator(annotator) if annotator is not None else None
+  needing = conn.execute(
+      f"WITH c AS ({_ITEM_COUNTS}) SELECT id, target_judgments, done, open FROM c "
+      "WHERE done < target_judgments", {"now": now, "who": who or ""}).fetchall()
+  seen: dict[int, dict[str, list[int]]] = {r["id"]: {} for r in needing}
+  for item_id, name, not_skip in conn.execute(
+      "SELECT item_id, annotator, choice <> 'skip' FROM judgments"):
+    if item_id in seen:
+      counts = seen[item_id].setdefault(name, [0, 0])
+      counts[0] += 1
+      counts[1] += not_skip
+  people = {r[0] for r in conn.execute(_PEOPLE)}
+
+  def can_take(person: str, item: sqlite3.Row) -> bool:
+    """Whether the queue rules (module docstring) would serve this item to `person`."""
+    judged = seen[item["id"]]
+    if person not in judged:
+      return True  # Rules 2 and 3: the item needs a judgment and this person has not seen it.
+    return (item["target_judgments"] == 2 and item["done"] == 1 and judged[person] == [1, 1]
+            and all(p in judged for p in people if p != person))  # Rule 4.
+
+  out = dict(remaining=0, leased=0, for_others=0, no_annotator_left=0)
+  if who is not None:
+    out["for_you"] = 0
+  for item in needing:
+    need = item["target_judgments"] - item["done"]
+    out["remaining"] += need
+    if item["open"]:
+      out["leased"] += need
+    elif who is not None and can_take(who, item):
+      out["for_you"] += need
+    elif any(can_take(p, item) for p in people if p != who):
+      out["for_others"] += need
+    else:
+      out["no_annotator_left"] += need
+  if who is not None:
     out["judged_by_you"] = conn.execute("SELECT COUNT(*) FROM judgments WHERE annotator = ?",
-                                        (annotator,)).fetchone()[0]
+                                        (who,)).fetchone()[0]
   return out
 
 
@@ -412,6 +560,8 @@ def submit_judgment(conn: sqlite3.Connection, *, assignment_id: int, item_id: in
   lease expired and the item was handed to someone else since.
   """
   annotator = check_annotator(annotator)
+  for name, value in (("item_id", item_id), ("assignment_id", assignment_id)):
+    check_id(name, value)
   if choice not in CHOICES:
     raise CollectError(400, "bad_choice", f"'choice' must be one of {list(CHOICES)}, got "
                        f"{choice!r}")
@@ -422,11 +572,13 @@ def submit_judgment(conn: sqlite3.Connection, *, assignment_id: int, item_id: in
     s = conn.execute("SELECT * FROM assignments WHERE id = ?", (assignment_id,)).fetchone()
     if s is None:
       raise CollectError(404, "unknown_assignment", f"no assignment with id {assignment_id}; "
-                         "fetch one from GET /api/next")
+                         "fetch one from POST /api/next")
     if s["item_id"] != item_id:
       raise CollectError(400, "item_mismatch", f"assignment {assignment_id} is for item "
                          f"{s['item_id']}, not item {item_id}")
-    if not secrets.compare_digest(str(token), s["token"]):
+    # compare_digest takes ASCII str or bytes only: anything else is simply not the token.
+    if not (isinstance(token, str) and token.isascii()
+            and secrets.compare_digest(token.encode("ascii"), s["token"].encode("ascii"))):
       raise CollectError(403, "bad_token", f"the token does not match assignment "
                          f"{assignment_id}")
     if s["annotator"] != annotator:
@@ -452,6 +604,17 @@ def submit_judgment(conn: sqlite3.Connection, *, assignment_id: int, item_id: in
          max(now - s["served_at"], 0.0))).lastrowid
     return _judgment_json(conn.execute("SELECT * FROM judgments WHERE id = ?",
                                        (judgment_id,)).fetchone())
+
+
+def check_id(name: str, value: Any) -> int:
+  """A row id as SQLite can hold it: a positive integer below 2^63 (not a bool)."""
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise CollectError(400, "bad_field", f"field {name!r} must be an integer, got "
+                       f"{type(value).__name__}")
+  if not 0 < value <= MAX_ID:
+    raise CollectError(400, "bad_field", f"field {name!r} must be a positive integer below "
+                       f"2^63, got {value}")
+  return value
 
 
 def _judgment_json(row: sqlite3.Row) -> dict[str, Any]:

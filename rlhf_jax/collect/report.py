@@ -20,6 +20,15 @@ annotators each rater slot mixes people, the usual approximation for crowd label
 same-annotator re-annotation (self-consistency) is counted separately. Position bias is the
 fraction of preferring judgments that picked the left response, with an exact two-sided
 binomial test against 1/2.
+
+Bidi controls (BIDI_CONTROLS, Unicode's Bidi_Control characters) reorder how the text around
+them is displayed. The page shows them as visible marks, so annotators judged the stored text;
+the export keeps the text exactly as stored, and counts the pairs that hold such characters
+(stats counts the prompts and responses), because a reader that renders them (a terminal, a
+notebook, a labelling tool) shows something else than what was judged.
+
+Who sees what: `collection_stats` names every annotator, for whoever runs the round (`collect
+stats` reads the database file); annotators get `public_stats` over the API, without names.
 """
 import collections
 import json
@@ -33,6 +42,14 @@ from typing import Any, Sequence
 from rlhf_jax.collect import db as db_lib
 
 AGGREGATES = ("all", "majority")
+# Unicode's Bidi_Control property: ALM, LRM, RLM, LRE, RLE, PDF, LRO, RLO, LRI, RLI, FSI, PDI.
+# page.js marks exactly these.
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+                          "\u2066\u2067\u2068\u2069")
+
+
+def has_bidi_controls(text: str) -> bool:
+  return not BIDI_CONTROLS.isdisjoint(text)
 
 
 def _pairs_query(conn: sqlite3.Connection):
@@ -47,12 +64,13 @@ def _pairs_query(conn: sqlite3.Connection):
 
 def export_preferences(conn: sqlite3.Connection, out_path: str | os.PathLike, *,
                        aggregate: str = "all") -> dict[str, int]:
-  """Writes the pairs to `out_path` (atomically) and returns counts of what was written and
-  what was left out (ties, skips, split votes)."""
+  """Writes the pairs to `out_path` (atomically) and returns counts of what was written, what
+  was left out (ties, skips, split votes), and how many written pairs hold bidi controls."""
   if aggregate not in AGGREGATES:
     raise ValueError(f"aggregate={aggregate!r}; expected one of {AGGREGATES}")
   rows = _pairs_query(conn)
-  counts = collections.Counter(pairs=0, ties=0, skips=0, split_items=0)
+  counts = collections.Counter(pairs=0, ties=0, skips=0, split_items=0,
+                               pairs_with_bidi_controls=0)
   records = []
   by_item: dict[int, list] = collections.defaultdict(list)
   for r in rows:
@@ -80,6 +98,8 @@ def export_preferences(conn: sqlite3.Connection, out_path: str | os.PathLike, *,
           "labeler": r["labeler"], "chosen_shown": "left" if r["choice"] == "A" else "right"}
       if aggregate == "majority":
         record["votes"] = votes[top]
+      counts["pairs_with_bidi_controls"] += any(
+          has_bidi_controls(record[k]) for k in ("prompt", "chosen", "rejected"))
       records.append(record)
   counts["pairs"] = len(records)
   out_path = os.fspath(out_path)
@@ -174,6 +194,7 @@ def collection_stats(conn: sqlite3.Connection, now: float | None = None) -> dict
   }
 
   left_wins, preferring = by_choice["A"], by_choice["A"] + by_choice["B"]
+  queue = db_lib.progress(conn, now=now)
   return {
       "prompts": one("SELECT COUNT(*) FROM prompts"),
       "responses": one("SELECT COUNT(*) FROM responses"),
@@ -182,6 +203,9 @@ def collection_stats(conn: sqlite3.Connection, now: float | None = None) -> dict
       "items_judged": sum(r["done"] > 0 for r in judged),
       "items_complete": sum(r["done"] >= r["target_judgments"] for r in judged),
       "judgments_needed": sum(max(r["target_judgments"] - r["done"], 0) for r in judged),
+      # Needed judgments no annotator can give: each person judged or skipped the item.
+      "judgments_no_annotator_left": queue["no_annotator_left"],
+      "annotators_registered": len(db_lib.annotators(conn)),
       "open_leases": one("SELECT COUNT(*) FROM assignments s WHERE s.expires_at > ? AND NOT "
                          "EXISTS (SELECT 1 FROM judgments j WHERE j.assignment_id = s.id)",
                          now),
@@ -193,6 +217,9 @@ def collection_stats(conn: sqlite3.Connection, now: float | None = None) -> dict
       "by_annotator": annotators,
       "by_labeler": labelers,
       "median_seconds_per_human_judgment": statistics.median(seconds) if seconds else None,
+      "texts_with_bidi_controls": {
+          table: sum(has_bidi_controls(r[0]) for r in conn.execute(f"SELECT text FROM {table}"))
+          for table in ("prompts", "responses")},
       "agreement": agreement,
       "position_bias": {
           "preferring_judgments": preferring,
@@ -201,6 +228,14 @@ def collection_stats(conn: sqlite3.Connection, now: float | None = None) -> dict
           "binomial_p_value": binomial_two_sided_p(left_wins, preferring),
       },
   }
+
+
+def public_stats(stats: dict[str, Any]) -> dict[str, Any]:
+  """`collection_stats` without who judged how much (GET /api/stats, for any annotator): the
+  number of annotators with judgments instead of their names and counts."""
+  out = {k: v for k, v in stats.items() if k != "by_annotator"}
+  out["annotators_with_judgments"] = len(stats["by_annotator"])
+  return out
 
 
 def format_stats(s: dict[str, Any]) -> str:
@@ -212,12 +247,17 @@ def format_stats(s: dict[str, Any]) -> str:
       f"prompts {s['prompts']}, responses {s['responses']}, items {s['items']} "
       f"({s['items_for_reannotation']} drawn for re-annotation)",
       f"items judged {s['items_judged']}, complete {s['items_complete']}, judgments still "
-      f"needed {s['judgments_needed']}, open leases {s['open_leases']}",
+      f"needed {s['judgments_needed']} ({s['judgments_no_annotator_left']} that no annotator "
+      f"can give: each judged or skipped the item), open leases {s['open_leases']}",
+      f"registered annotators {s['annotators_registered']}",
       f"judgments {s['judgments']}: A (left) {s['by_choice']['A']}, B (right) "
       f"{s['by_choice']['B']}, tie {s['ties']}, skip {s['skips']}",
       f"exportable pairs {s['exportable_pairs']} (ties and skips are not exported)",
       "by annotator: " + (", ".join(f"{k} {v}" for k, v in s["by_annotator"].items()) or "-"),
       "by labeler: " + (", ".join(f"{k} {v}" for k, v in s["by_labeler"].items()) or "-"),
+      f"texts with bidi control characters (shown as marks on the page, kept in the export): "
+      f"{s['texts_with_bidi_controls']['prompts']} prompts, "
+      f"{s['texts_with_bidi_controls']['responses']} responses",
       f"median seconds per human judgment: {num(s['median_seconds_per_human_judgment'], '{:.1f}')}",
       f"agreement on {ag['items']} re-annotated items ({ag['same_annotator_items']} by the "
       f"same annotator): rate {num(ag['agreement_rate'])}, Cohen's kappa "
