@@ -113,7 +113,8 @@ def _cases():
       ("pad_is_eos", h, ["task.pad_token=<|im_end|>"], "config.task.pad_token"),
       ("eos_unknown", h, ["task.eos_token=<nope>"], "config.task.eos_token"),
       ("model_dir_missing", h, ["model_dir={root}/nowhere"], "config.model_dir"),
-      ("model_without_config_json", h, ["model_dir={root}/no_config_json"], "config.json"),
+      ("model_without_config_json", h, ["model_dir={root}/no_config_json"],
+       "config.model_dir={root}/no_config_json: "),
       # A causal LM named as the reward model would score with a random head.
       ("reward_dir_not_a_reward_model", r, ["ppo.reward_hf_dir={root}/model"],
        "config.ppo.reward_hf_dir"),
@@ -178,7 +179,7 @@ def test_bad_input_is_refused_naming_it_and_the_workdir_stays_as_it_was(case, us
   (workdir / "config.json").write_text('{"from": "an earlier run"}')
   before = _snapshot(workdir)
   message = _refusal(_argv(user, config, overrides, workdir), monkeypatch)
-  assert expected in message, message
+  assert expected.format(root=user["root"]) in message, message
   assert _snapshot(workdir) == before  # Nothing written, config.json not overwritten.
 
 

@@ -185,8 +185,11 @@ def preflight(config: ml_collections.ConfigDict) -> None:
   for step in (s for s in stages if s in STAGES):
     path, key = _model_source(config, step, stages)
     if path:
-      hf, config_path = models.hf.read_hf_config(path)
-      cfg = models.config_from_hf(hf, config_path)
+      try:
+        hf, config_path = models.hf.read_hf_config(path)
+        cfg = models.config_from_hf(hf, config_path)
+      except models.HFCheckpointError as e:
+        raise models.HFCheckpointError(f"{key}={path}: {e}") from None
     else:
       cfg = configs.model_config(config.model, task.vocab_size)
     _check_model_fits(task, cfg, f"{key}={path}" if path else key, step,

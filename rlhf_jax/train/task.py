@@ -113,7 +113,8 @@ def _special_id(tokenizer, token: str, key: str, source: str) -> int:
   try:
     return data.token_id(tokenizer, token)
   except ValueError as e:
-    raise ValueError(f"{key}={token!r} ({source}): {e}") from None
+    where = f" ({source})" if source != key else ""
+    raise ValueError(f"{key}={token!r}{where}: {e}") from None
 
 
 def build_task(config: ml_collections.ConfigDict) -> Task:
