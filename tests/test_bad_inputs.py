@@ -8,10 +8,12 @@ tests/test_hf_pipeline.py check that through subprocesses). A config that was *n
 would fail the test at once: the run itself is replaced by one that raises.
 """
 import json
+import logging as std_logging
 import sys
 
 import pytest
 from absl import flags
+from absl import logging as absl_logging
 
 import chat_models
 from rlhf_jax import main as main_lib
@@ -128,6 +130,20 @@ def _argv(user, config, overrides, workdir):
   if config.startswith("experiments/hf/rlhf.py"):
     argv += [f"--config.data.sft={user['sft']}"]
   return argv + [f"--config.{o.format(root=user['root'])}" for o in overrides]
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was():
+  """main.main and absl's flag parsing set the absl logger's verbosity and add main's
+  third-party filter; later tests in this process read INFO lines through caplog."""
+  absl_logger = std_logging.getLogger("absl")
+  level = absl_logger.level
+  handler = absl_logging.get_absl_handler()
+  filters = (list(std_logging.getLogger().filters), list(handler.filters))
+  yield
+  absl_logger.setLevel(level)
+  std_logging.getLogger().filters[:] = filters[0]
+  handler.filters[:] = filters[1]
 
 
 def _reset_flags():

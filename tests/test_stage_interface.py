@@ -1,6 +1,7 @@
 """The uniform stage interface: every stage module imports alone (no stage imports another),
 and each runs by itself through default_config() / validate(config) / run(config, workdir)
--> StageResult at a runlocal size, ending with an HF export that reloads to its numbers."""
+-> StageResult at a runlocal size, ending with an HF export that reloads to its numbers
+(resuming a finished stage is tests/test_resume.py's and the multi-host test's)."""
 import importlib
 import json
 
@@ -77,10 +78,6 @@ def test_each_stage_runs_alone_through_the_interface(name, tmp_path):
     loaded_module, loaded = models.load_hf(tmp_path / "hf")
     np.testing.assert_allclose(loaded_module.apply({"params": loaded}, ids),
                                result.module.apply({"params": result.params}, ids), atol=1e-5)
-  # Rerunning a finished stage resumes its last checkpoint and gives the same result.
-  again = module.run(config, str(tmp_path))
-  for a, b in zip(jax.tree.leaves(again.params), jax.tree.leaves(result.params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_best_of_n_stage_selects_the_best_and_writes_sft_data(tmp_path):
