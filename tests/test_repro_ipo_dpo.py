@@ -2,7 +2,6 @@
 import json
 
 import numpy as np
-import pytest
 
 from conftest import run_python
 from experiments.ipo_vs_dpo import run as ipo_dpo

@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 
 from rlhf_jax import eval as eval_lib
-from rlhf_jax import parallel, rng, sampling
+from rlhf_jax import rng, sampling
 from rlhf_jax.train import scoring, stage as stage_lib, task as task_lib
 
 NAME = "best_of_n"
@@ -78,12 +78,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, init: stage_lib.Init = 
   gold reward with reward_source="gold")."""
   validate(config)
   cfg = config.best_of_n
-  task = next((r.task for r in (init, reward) if isinstance(r, stage_lib.StageResult)), None)
-  task = task or task_lib.build_task(config)
-  mesh = parallel.make_mesh(config.mesh.to_dict())
-  module, params, dtype = stage_lib.load_model(
-      config, stage_lib.init_source(config, NAME, init), task=task, mesh=mesh, role="policy",
-      fresh_key=rng.key(config.seed, "sft"), where="config.best_of_n.init_hf_dir")
+  task, mesh, module, params, dtype = stage_lib.start_policy(config, NAME, init, reward)
   rm = None
   if cfg.reward_source == "model":
     if isinstance(reward, stage_lib.StageResult):

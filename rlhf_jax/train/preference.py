@@ -303,13 +303,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, init: stage_lib.Init = 
   """
   validate(config)
   cfg = config.dpo
-  task = init.task if isinstance(init, stage_lib.StageResult) else task_lib.build_task(config)
-  mesh = parallel.make_mesh(config.mesh.to_dict())
+  task, mesh, module, params, dtype = stage_lib.start_policy(config, NAME, init)
   rules = config.sharding
   tok = task.tokenize_config
-  module, params, dtype = stage_lib.load_model(
-      config, stage_lib.init_source(config, NAME, init), task=task, mesh=mesh, role="policy",
-      fresh_key=rng.key(config.seed, "sft"), where="config.dpo.init_hf_dir")
   train_pairs, eval_pairs = pairs if pairs is not None else (
       task_lib.preference_examples(task, config, "train"),
       task_lib.preference_examples(task, config, "eval"))

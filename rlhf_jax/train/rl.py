@@ -129,12 +129,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, init: stage_lib.Init = 
   """
   validate(config)
   cfg = config.ppo
-  task = next((r.task for r in (init, reward) if isinstance(r, stage_lib.StageResult)), None)
-  task = task or task_lib.build_task(config)
-  mesh = parallel.make_mesh(config.mesh.to_dict())
-  module, params, dtype = stage_lib.load_model(
-      config, stage_lib.init_source(config, "ppo", init), task=task, mesh=mesh, role="policy",
-      fresh_key=rng.key(config.seed, "sft"), where="config.ppo.init_hf_dir")
+  task, mesh, module, params, dtype = stage_lib.start_policy(config, "ppo", init, reward)
   rm = _reward_model(config, reward, task, mesh)
   trainer, trainable = ppo.make_trainer(config, task, mesh, policy=(module, params), rm=rm)
   state = trainer.init_state(trainable, rng.key(config.seed, "rl"))

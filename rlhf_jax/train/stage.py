@@ -27,7 +27,7 @@ import ml_collections
 from absl import logging
 from jax.sharding import Mesh
 
-from rlhf_jax import configs, data, models, parallel
+from rlhf_jax import configs, data, models, parallel, rng
 from rlhf_jax.train import loop as loop_lib
 from rlhf_jax.train import optim
 from rlhf_jax.train import task as task_lib
@@ -184,6 +184,20 @@ def _fresh_heads(module, key: jax.Array, mesh: Mesh, rules) -> dict:
   with parallel.mesh_context(mesh, rules):
     return jax.jit(lambda k: {h: nn.unbox(module.init(k, sample)["params"])[h] for h in heads},
                    out_shardings={h: shardings[h] for h in heads})(key)
+
+
+def start_policy(config, section: str, init: Init, *others: Init):
+  """(task, mesh, module, params, stored dtype) of a stage that trains or samples a policy:
+  the task of the first StageResult among `init` and `others` (else built from config), the
+  run's mesh, and the policy from init_source (a fresh one from the "sft" stream, as the SFT
+  stage draws it)."""
+  task = next((r.task for r in (init, *others) if isinstance(r, StageResult)), None)
+  task = task or task_lib.build_task(config)
+  mesh = parallel.make_mesh(config.mesh.to_dict())
+  module, params, dtype = load_model(
+      config, init_source(config, section, init), task=task, mesh=mesh, role="policy",
+      fresh_key=rng.key(config.seed, "sft"), where=f"config.{section}.init_hf_dir")
+  return task, mesh, module, params, dtype
 
 
 def load_model(config, source: Init, *, task: task_lib.Task, mesh: Mesh, role: str,

@@ -11,28 +11,16 @@ hang in orbax's barriers) and step 3 is moved aside once. Prints one JSON line.
 import json
 import os
 import pathlib
-import sys
 
-import jax
-
-jax.config.update("jax_num_cpu_devices", 1)
-PROCESS_ID, PORT, DIRECTORY = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-jax.distributed.initialize(coordinator_address=f"127.0.0.1:{PORT}", num_processes=2,
-                           process_id=PROCESS_ID, initialization_timeout=60)
+from two_processes import DIRECTORY, PROCESS_ID, make_state as _make_state  # Joins first.
 
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
-
 from rlhf_jax.train.checkpoint import Checkpointer, abstract_like  # noqa: E402
-
-mesh = jax.make_mesh((2,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
-sharding = NamedSharding(mesh, P("fsdp"))
 
 
 def make_state(step):
-  local = np.full((256,), 10.0 * step + PROCESS_ID, np.float32)  # This process's half.
-  return {"w": jax.make_array_from_process_local_data(sharding, local)}
+  return _make_state(step, 256)
 
 
 with Checkpointer(DIRECTORY, save_every=1, keep=3) as ckpt:

@@ -10,28 +10,16 @@ did), then a fresh Checkpointer restores it. Prints one JSON line.
 import json
 import os
 import signal
-import sys
 import time
 
-import jax
-
-jax.config.update("jax_num_cpu_devices", 1)
-PROCESS_ID, PORT, DIRECTORY = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-jax.distributed.initialize(coordinator_address=f"127.0.0.1:{PORT}", num_processes=2,
-                           process_id=PROCESS_ID, initialization_timeout=60)
+from two_processes import DIRECTORY, PROCESS_ID, make_state as _make_state  # Joins first.
 
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
-
 from rlhf_jax.train.checkpoint import Checkpointer, PreemptionGuard, abstract_like  # noqa: E402
-
-mesh = jax.make_mesh((2,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
-sharding = NamedSharding(mesh, P("fsdp"))
 
 
 def make_state(step):
-  local = np.full((4,), 10.0 * step + PROCESS_ID, np.float32)  # This process's half.
-  return {"w": jax.make_array_from_process_local_data(sharding, local)}
+  return _make_state(step, 4)
 
 
 stopped_at = None
