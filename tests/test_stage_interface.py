@@ -102,3 +102,16 @@ def test_best_of_n_stage_selects_the_best_and_writes_sft_data(tmp_path):
   gold = [world.score([r["prompt"]], [r["response"]], ended=r["finished"]).reward[0]
           for r in rows]
   np.testing.assert_allclose(gold, [r["score"] for r in rows], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["rl", "best_of_n"])
+def test_policy_stages_refuse_a_reward_model_they_were_not_given(name, tmp_path):
+  """reward_source='model' with no reward stage result and no reward_hf_dir names the
+  stage's own config keys instead of scoring with nothing."""
+  module, config = _config(name)
+  section = RUNLOCAL[name][0]
+  with config.unlocked():
+    config[section].reward_source = "model"
+  with pytest.raises(ValueError, match=rf"config\.{section}\.reward_source='model' needs a "
+                     rf"reward model.*config\.{section}\.reward_hf_dir"):
+    module.run(config, str(tmp_path))

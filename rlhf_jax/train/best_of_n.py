@@ -79,16 +79,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, init: stage_lib.Init = 
   validate(config)
   cfg = config.best_of_n
   task, mesh, module, params, dtype = stage_lib.start_policy(config, NAME, init, reward)
-  rm = None
-  if cfg.reward_source == "model":
-    if isinstance(reward, stage_lib.StageResult):
-      rm = (reward.module, reward.params)
-    elif reward or cfg.reward_hf_dir:
-      rm = stage_lib.load_reward(config, reward or cfg.reward_hf_dir, task, mesh,
-                                 "config.best_of_n.reward_hf_dir")
-    else:
-      raise ValueError("config.best_of_n.reward_source='model' needs a reward model: run the "
-                       "reward stage before this one, or set config.best_of_n.reward_hf_dir")
+  rm = (stage_lib.reward_model(config, NAME, reward, task, mesh)
+        if cfg.reward_source == "model" else None)
   prompts = task_lib.prompts(task, config, cfg.split, n=cfg.prompts)
   prompts = prompts[:cfg.prompts] if cfg.prompts else prompts
   tok = task.tokenize_config

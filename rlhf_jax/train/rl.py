@@ -84,21 +84,6 @@ def name(config) -> str:
   return config.ppo.algorithm
 
 
-def _reward_model(config, reward, task, mesh):
-  """(module, stacked params) of the reward model to optimise against, or None (gold)."""
-  cfg = config.ppo
-  if isinstance(reward, stage_lib.StageResult):
-    return reward.module, reward.params
-  path = reward if isinstance(reward, str) else cfg.reward_hf_dir
-  if path:
-    return stage_lib.load_reward(config, path, task, mesh, "config.ppo.reward_hf_dir")
-  if cfg.reward_source == "model":
-    raise ValueError("config.ppo.reward_source='model' needs a reward model: run the reward "
-                     "stage before this one, or name an HF reward model in "
-                     "config.ppo.reward_hf_dir")
-  return None
-
-
 # ---------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------
@@ -130,7 +115,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, init: stage_lib.Init = 
   validate(config)
   cfg = config.ppo
   task, mesh, module, params, dtype = stage_lib.start_policy(config, "ppo", init, reward)
-  rm = _reward_model(config, reward, task, mesh)
+  rm = stage_lib.reward_model(config, "ppo", reward, task, mesh)
   trainer, trainable = ppo.make_trainer(config, task, mesh, policy=(module, params), rm=rm)
   state = trainer.init_state(trainable, rng.key(config.seed, "rl"))
   evaluate = _heldout_perplexity(config, task, trainer, mesh)
@@ -140,7 +125,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, init: stage_lib.Init = 
         workdir=workdir, state=state, step_fn=trainer.iteration,
         make_iterator=lambda pos: ppo.prompt_iterator(task, config, pos), to_device=lambda b: b,
         loop=stage_lib.loop_config(cfg, config.run, steps=cfg.iterations, log_every=1),
-        extra=stage_lib.checkpoint_extra(config, trainer.policy_module), eval_fn=evaluate, desc=cfg.algorithm,
+        extra=stage_lib.checkpoint_extra(config, trainer.policy_module), eval_fn=evaluate,
+        desc=cfg.algorithm,
         schedule=lambda step: trainer.schedule(step * trainer.updates_per_iter))
     final = trainer.merged_policy(state["params"])
     metrics = evaluate(state["params"]) if evaluate is not None else {}

@@ -256,6 +256,22 @@ def load_reward(config, path: str, task: task_lib.Task, mesh: Mesh, where: str):
   return module, parallel.stack_placed([p for _, p in loaded])
 
 
+def reward_model(config, section: str, reward: Init, task: task_lib.Task, mesh: Mesh):
+  """(module, stacked params) of the reward model a policy stage scores with: `reward` (the
+  reward stage's result or an HF directory), else config.<section>.reward_hf_dir; None when
+  neither is given and config.<section>.reward_source is "gold"."""
+  if isinstance(reward, StageResult):
+    return reward.module, reward.params
+  path = reward or config[section].reward_hf_dir
+  if path:
+    return load_reward(config, path, task, mesh, f"config.{section}.reward_hf_dir")
+  if config[section].reward_source == "model":
+    raise ValueError(f"config.{section}.reward_source='model' needs a reward model: run the "
+                     "reward stage before this one, or name an HF reward model in "
+                     f"config.{section}.reward_hf_dir")
+  return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Loop settings and export
 # ---------------------------------------------------------------------------------------------
