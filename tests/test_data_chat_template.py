@@ -351,8 +351,35 @@ def test_save_copies_a_model_directory_unchanged(flavour, tmp_path):
     assert filecmp.cmp(p, directory / p.name, shallow=False)
   _assert_same_tokenizer(transformers.AutoTokenizer.from_pretrained(str(tmp_path / "export")),
                          hf, files.tokenizer)
-  with pytest.raises(ValueError, match="copied unchanged"):
-    data.save_tokenizer_files(tmp_path / "export2", files, eos_token="<pad>")
+  with pytest.raises(ValueError, match="keeps its chat template"):
+    data.save_tokenizer_files(tmp_path / "export2", files, chat_template="{{ messages }}")
+
+
+def test_save_writes_overridden_special_tokens_into_the_copy(flavour, tmp_path):
+  """A run's special-token override (e.g. config.task.pad_token) lands in the copied
+  tokenizer_config.json / special_tokens_map.json; every other file stays byte-identical and
+  the same value again rewrites nothing."""
+  name, directory, hf = flavour
+  files = data.load_tokenizer_files(directory)
+  new_pad = next(t for t in ("<|im_end|>", "<|eot_id|>", "<pad>", "<s>")
+                 if t in files.tokenizer.get_vocab() and t != files.special.get("pad_token"))
+  written = data.save_tokenizer_files(tmp_path / "export", files, pad_token=new_pad,
+                                      eos_token=files.special.get("eos_token"))
+  rewritten = {"tokenizer_config.json", "special_tokens_map.json"}
+  for p in written:
+    if p.name not in rewritten:
+      assert filecmp.cmp(p, directory / p.name, shallow=False), p.name
+    elif p.is_file():
+      content = json.loads(p.read_text())
+      assert content["pad_token"] == new_pad
+      original = json.loads((directory / p.name).read_text())
+      assert {k: v for k, v in content.items() if k != "pad_token"} == {
+          k: v for k, v in original.items() if k != "pad_token"}
+  assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "export")).pad_token == new_pad
+  same = data.save_tokenizer_files(tmp_path / "same", files,
+                                   pad_token=files.special.get("pad_token"))
+  for p in same:
+    assert filecmp.cmp(p, directory / p.name, shallow=False), p.name
 
 
 def _assert_same_tokenizer(loaded, reference, tok):

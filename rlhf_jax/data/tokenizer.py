@@ -327,15 +327,30 @@ def _remove_stale(dest: pathlib.Path, keep: list[str]) -> None:
     shutil.rmtree(dest / CHAT_TEMPLATES_DIR)
 
 
+def _write_special_tokens(directory: pathlib.Path, special: Mapping[str, str]) -> None:
+  """`special` written into the directory's tokenizer_config.json and special_tokens_map.json
+  (those that exist), each replaced atomically."""
+  for name in (CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE):
+    path = directory / name
+    if path.is_file():
+      content = {**json.loads(path.read_text(encoding="utf-8")), **special}
+      tmp = path.with_name(name + ".tmp")
+      tmp.write_text(json.dumps(content, indent=2, ensure_ascii=False), encoding="utf-8")
+      os.replace(tmp, path)
+
+
 def save_tokenizer_files(destination: str | os.PathLike,
                          source: "TokenizerFiles | tokenizers.Tokenizer", *,
                          chat_template: str | None = None, **special: str | None
                          ) -> list[pathlib.Path]:
   """Writes the tokenizer next to an exported checkpoint; returns the files written.
 
-  A tokenizer loaded from a model directory is copied file by file, unchanged (tokenizer.json,
+  A tokenizer loaded from a model directory is copied file by file (tokenizer.json,
   tokenizer_config.json, special_tokens_map.json, chat templates, vocab/merges and
-  SentencePiece files, whichever exist), so the export loads exactly as the user's model did.
+  SentencePiece files, whichever exist), so the export loads exactly as the user's model did;
+  special tokens given here that differ from the directory's (a run's eos/pad/bos overrides)
+  are written into the copies of tokenizer_config.json and special_tokens_map.json, every
+  other byte is unchanged.
   Anything else (a bare tokenizer.json, or a tokenizer built in code, with its special tokens
   and chat template given here by name) becomes tokenizer.json plus a tokenizer_config.json
   that `transformers.AutoTokenizer.from_pretrained(destination)` loads as a
@@ -348,19 +363,23 @@ def save_tokenizer_files(destination: str | os.PathLike,
     raise NotADirectoryError(f"{dest}: exists and is not a directory")
   dest.mkdir(parents=True, exist_ok=True)
   if isinstance(source, TokenizerFiles) and source.directory is not None:
-    if special or chat_template is not None:
-      raise ValueError(f"{source.directory}: a tokenizer loaded from a model directory is "
-                       "copied unchanged; special tokens and chat templates cannot be "
-                       "overridden (edit the files instead)")
+    if chat_template is not None:
+      raise ValueError(f"{source.directory}: a tokenizer loaded from a model directory keeps "
+                       "its chat template; it cannot be overridden (edit the files instead)")
     if dest.resolve() == source.directory.resolve():
-      return [dest / n for n in TOKENIZER_FILES if (dest / n).is_file()]
-    names = [n for n in TOKENIZER_FILES if (source.directory / n).is_file()]
-    _remove_stale(dest, names)
-    written = [pathlib.Path(shutil.copy2(source.directory / n, dest / n)) for n in names]
-    extra = source.directory / CHAT_TEMPLATES_DIR
-    if extra.is_dir():
-      shutil.copytree(extra, dest / CHAT_TEMPLATES_DIR)
-      written.extend(sorted((dest / CHAT_TEMPLATES_DIR).iterdir()))
+      written = [dest / n for n in TOKENIZER_FILES if (dest / n).is_file()]
+    else:
+      names = [n for n in TOKENIZER_FILES if (source.directory / n).is_file()]
+      _remove_stale(dest, names)
+      written = [pathlib.Path(shutil.copy2(source.directory / n, dest / n)) for n in names]
+      extra = source.directory / CHAT_TEMPLATES_DIR
+      if extra.is_dir():
+        shutil.copytree(extra, dest / CHAT_TEMPLATES_DIR)
+        written.extend(sorted((dest / CHAT_TEMPLATES_DIR).iterdir()))
+    changed = {name: token for name, token in special.items()
+               if token is not None and source.special.get(name) != token}
+    if changed:
+      _write_special_tokens(dest, changed)
     return written
   if isinstance(source, TokenizerFiles):
     files = tokenizer_files_from(

@@ -15,7 +15,6 @@ layout in the dtype it came in (`config.export.dtype` overrides), with the token
 chat template and a generation_config.json.
 """
 import dataclasses
-import json
 import math
 import os
 from typing import Any, Iterable
@@ -304,30 +303,14 @@ def export_dtype(config, dtype: str) -> str:
 
 
 def save_tokenizer(directory: str, task: task_lib.Task) -> None:
-  """The task's tokenizer next to an export, with the special tokens the run used: a user's
-  tokenizer files are copied unchanged except that tokens the run overrode (config.task
-  eos/pad/bos_token) are written into the copy's tokenizer_config.json and
-  special_tokens_map.json; a tokenizer without files of its own (a bare tokenizer.json, the
-  review world's) is written with them. The exported tokenizer then pads and stops as
-  training did."""
-  files, tokenizer, tok = task.tokenizer_files, task.tokenizer, task.tokenize_config
+  """The task's tokenizer next to an export, with the special tokens the run used (config.task
+  eos/pad/bos_token overrides included): a user's tokenizer files are copied with those tokens
+  written in, a tokenizer without files of its own (a bare tokenizer.json, the review world's)
+  is written with them. The exported tokenizer then pads and stops as training did."""
+  tok = task.tokenize_config
   used = {"eos_token": tok.eos_id, "pad_token": tok.pad_id, "bos_token": tok.bos_id}
-  used = {name: tokenizer.id_to_token(i) for name, i in used.items() if i is not None}
-  if files.directory is None:
-    data.save_tokenizer_files(directory, tokenizer, chat_template=files.chat_template,
-                              **{**files.special, **used})
-    return
-  data.save_tokenizer_files(directory, files)
-  changed = {name: token for name, token in used.items() if files.special.get(name) != token}
-  for name in ("tokenizer_config.json", "special_tokens_map.json"):
-    path = os.path.join(directory, name)
-    if changed and os.path.isfile(path):
-      with open(path) as f:
-        content = json.load(f)
-      content.update(changed)
-      with open(path + ".tmp", "w") as f:
-        json.dump(content, f, indent=2, ensure_ascii=False)
-      os.replace(path + ".tmp", path)
+  data.save_tokenizer_files(directory, task.tokenizer_files, **{
+      name: task.tokenizer.id_to_token(i) for name, i in used.items() if i is not None})
 
 
 def export(config, workdir: str, module, params, task: task_lib.Task, dtype: str
