@@ -23,19 +23,36 @@ class KVCache:
   """A fixed-size key/value cache for incremental decoding (a plain pytree).
 
   k, v: one [B, kv_heads, S, head_dim] array per layer (heads-major: appending a token is a
-  contiguous write per head, and attention reads each head's slots without a transpose). `mask` marks the slots that hold real
-  tokens, `index` is the next slot to write (shared by the batch), `next_pos` the position id
+  contiguous write per head, and attention reads each head's slots without a transpose).
+  `mask` marks the slots that hold real tokens, `index` is the next slot to write: a scalar
+  shared by the batch, or [B] with one write position per row (continuous batching, where
+  each row holds a different sequence at a different length). `next_pos` is the position id
   the next real token of each row gets. Padding inside a prefill occupies slots but is masked.
+  `widths` (static, None = all S slots) are the attention widths a call may use: each layer
+  attends to slots [0, w) only, w the narrowest width that holds every written slot (from
+  `index`), so a decode step costs what the live lengths need, not what the cache holds. A
+  row with nothing to write should point `index` low (e.g. 0) so it does not widen the step.
   """
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
   mask: jax.Array  # [B, S] int32
-  index: jax.Array  # [] int32
+  index: jax.Array  # [] or [B] int32
   next_pos: jax.Array  # [B] int32
+  widths: tuple[int, ...] | None = flax.struct.field(pytree_node=False, default=None)
 
   @property
   def max_len(self) -> int:
     return self.mask.shape[1]
+
+
+def write_rows(buffer: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+  """`buffer` with `new` written at `index` along `axis` (every other axis from 0): a shared
+  scalar index is one dynamic_update_slice, a per-row [B] index one per row (a scatter)."""
+  start = lambda i: tuple(i if a == axis else 0 for a in range(1, buffer.ndim))
+  if index.ndim == 0:
+    return jax.lax.dynamic_update_slice(buffer, new, (0,) + start(index))
+  return jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice(b, n, start(i)))(buffer, new,
+                                                                              index)
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
@@ -85,20 +102,20 @@ def full_layout(attention_mask: jax.Array, segment_ids: jax.Array | None,
 
 
 def cached_layout(attention_mask: jax.Array, cache: KVCache) -> tuple[Layout, KVCache]:
-  """Layout of T new tokens written at slots [index, index+T) of `cache`; the updated cache.
+  """Layout of T new tokens written at slots [index, index+T) of `cache` (per row when the
+  index is [B]); the updated cache.
 
   The returned cache carries the new mask/index/next_pos; the layers write k and v.
   """
   mask = attention_mask.astype(jnp.int32)
-  b, t = mask.shape
-  new_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))
+  t = mask.shape[1]
+  new_mask = write_rows(cache.mask, mask, cache.index, axis=1)
   positions = cache.next_pos[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-  q_slot = cache.index + jnp.arange(t)
+  q_slot = jnp.reshape(cache.index, (-1, 1)) + jnp.arange(t)[None, :]  # [1 or B, T]
   k_slot = jnp.arange(cache.max_len)
-  allowed = (k_slot[None, None, :] <= q_slot[None, :, None]) & (new_mask[:, None, :] > 0)
+  allowed = (k_slot[None, None, :] <= q_slot[:, :, None]) & (new_mask[:, None, :] > 0)
   new_cache = cache.replace(mask=new_mask, index=cache.index + t,
                             next_pos=cache.next_pos + mask.sum(axis=1))
-  del b
   return Layout(positions.astype(jnp.int32), _bias(allowed)), new_cache
 
 

@@ -146,13 +146,23 @@ def causal_attention(q, k, v, bias, scale: float, dtype, query_block: int = QUER
   return out.transpose(0, 2, 1, 3)
 
 
+def _cached_attention(q, k_cache, v_cache, bias, head_dim: int, dtype):
+  """Attention of new queries [B, T, H, D] over heads-major cache slots [B, KV, S, D].
+
+  jax.nn.dot_product_attention: float32 logits and softmax, native grouped-query heads.
+  """
+  k, v = (c.transpose(0, 2, 1, 3).astype(dtype) for c in (k_cache, v_cache))
+  return jax.nn.dot_product_attention(q.astype(dtype), k, v, bias=bias,
+                                      scale=1.0 / math.sqrt(head_dim))
+
+
 class Attention(nn.Module):
   """Causal multi-head / grouped-query attention with an optional fixed-size KV cache."""
   cfg: ModelConfig
   out_std: float
 
   @nn.compact
-  def __call__(self, x, lay: layout_lib.Layout, kv=None, cache_index=None):
+  def __call__(self, x, lay: layout_lib.Layout, kv=None, cache_index=None, widths=None):
     cfg = self.cfg
     h, kvh, hd = cfg.n_heads, cfg.kv_heads, cfg.head_size
     bias = cfg.arch == "gpt2" or cfg.qkv_bias
@@ -165,24 +175,26 @@ class Attention(nn.Module):
     if cfg.uses_rope:
       inv_freq = rope_frequencies(cfg)
       q, k = apply_rope(q, lay.positions, inv_freq), apply_rope(k, lay.positions, inv_freq)
-    if kv is not None:  # Write the new keys/values into the cache, attend over all its slots.
+    if kv is not None:  # Write the new keys/values into the cache.
       # The cache is heads-major [B, kv_heads, S, D]: a [B, S, kv_heads, D] cache made XLA copy
       # and transpose every layer's whole cache on every decode step (cost growing with S).
       heads_major = lambda x: x.transpose(0, 2, 1, 3)
-      k = jax.lax.dynamic_update_slice(kv[0], heads_major(k).astype(kv[0].dtype),
-                                       (0, 0, cache_index, 0))
-      v = jax.lax.dynamic_update_slice(kv[1], heads_major(v).astype(kv[1].dtype),
-                                       (0, 0, cache_index, 0))
-      kv = (k, v)
-      k, v = heads_major(k), heads_major(v)
+      kv = tuple(layout_lib.write_rows(c, heads_major(x).astype(c.dtype), cache_index, axis=2)
+                 for c, x in ((kv[0], k), (kv[1], v)))
     dtype = cfg.compute_dtype
     if kv is None:  # Whole sequences (training, scoring): the causal block path below.
       out = causal_attention(q, k, v, lay.bias, 1.0 / math.sqrt(hd), dtype)
     else:
-      # jax.nn.dot_product_attention: float32 logits and softmax, native GQA, and a backward
-      # pass several times faster on XLA:CPU than a hand-written grouped einsum.
-      out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
-                                         bias=lay.bias, scale=1.0 / math.sqrt(hd))
+      # Read only as many slots as the rows have written (KVCache.widths): one static slice per
+      # width, chosen at run time. The switch only reads the cache: a branch that wrote it
+      # would make XLA copy the whole cache on every step.
+      attend_to = lambda w: lambda q, kc, vc, bias: _cached_attention(
+          q, kc[:, :, :w], vc[:, :, :w], bias[..., :w], hd, dtype)
+      if not widths:
+        out = attend_to(kv[0].shape[2])(q, *kv, lay.bias)
+      else:
+        which = jnp.sum(jnp.max(cache_index) + t > jnp.asarray(widths[:-1], jnp.int32))
+        out = jax.lax.switch(which, [attend_to(w) for w in widths], q, *kv, lay.bias)
     out = _dense(cfg.d_model, ("heads", "embed"), cfg, use_bias=cfg.arch == "gpt2",
                  std=self.out_std, name="o")(out.reshape(b * t, h * hd))
     return out.reshape(b, t, cfg.d_model), kv
@@ -214,11 +226,11 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, lay, kv=None, cache_index=None):
+  def __call__(self, x, lay, kv=None, cache_index=None, widths=None):
     # GPT-2 scales the init of residual output projections by 1/sqrt(2 * n_layers).
     out_std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if self.cfg.arch == "gpt2" else 0.02
     a, kv = Attention(self.cfg, out_std, name="attn")(_norm(self.cfg, "attn_norm")(x), lay, kv,
-                                                      cache_index)
+                                                      cache_index, widths)
     x = x + a
     x = x + Mlp(self.cfg, out_std, name="mlp")(_norm(self.cfg, "mlp_norm")(x))
     return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), kv
@@ -236,7 +248,8 @@ class Decoder(nn.Module):
     if not cfg.uses_rope:
       self.wpe = self.param("wpe", _kernel(_normal(0.01), (None, "embed")),
                             (cfg.max_len, cfg.d_model), jnp.float32)
-    block = nn.remat(Block, prevent_cse=True) if cfg.remat else Block
+    # `widths` (argument 5, counting self), the cache's attention widths, is static.
+    block = nn.remat(Block, prevent_cse=True, static_argnums=(5,)) if cfg.remat else Block
     self.blocks = [block(cfg, name=f"block_{i}") for i in range(cfg.n_layers)]
     self.final_norm = _norm(cfg, "final_norm")
 
@@ -254,7 +267,7 @@ class Decoder(nn.Module):
     for i, block in enumerate(self.blocks):
       kv = None if cache is None else (cache.k[i], cache.v[i])
       start = None if cache is None else cache.index - input_ids.shape[1]
-      x, kv = block(x, lay, kv, start)
+      x, kv = block(x, lay, kv, start, None if cache is None else cache.widths)
       if kv is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])
