@@ -74,6 +74,7 @@ def _reference_logprobs(module, params, prompt, pmask, tokens, rmask, temperatur
     (dict(min_new_tokens=9), "min_new_tokens"),
     (dict(max_new_tokens=0, min_new_tokens=0), "max_new_tokens"),
     (dict(prefill_chunk=0), "prefill_chunk"),
+    (dict(slots=0), "slots"),
 ])
 def test_config_rejects_bad_values(bad, match):
   with pytest.raises(ValueError, match=match):
@@ -308,6 +309,10 @@ DIST_CASES = {  # One compile each, so the knobs share cases.
     "temperature": dict(temperature=0.6),
     "top_k": dict(top_k=4, temperature=1.3),
     "top_p_min_new_tokens": dict(top_p=0.75, min_new_tokens=1),
+    # Per-prompt keys and the blocked inverse-CDF draw; 7 slots for 6000 prompts of at most 2
+    # tokens, so nearly every step refills slots.
+    "continuous_top_k": dict(top_k=5, temperature=1.2, slots=7),
+    "per_prompt_keys_top_p": dict(top_p=0.8, key_per_prompt=True),
 }
 
 
@@ -365,18 +370,84 @@ def test_best_of_n_frequencies_match_exact_distribution(tiny):
 
 
 # --------------------------------------------------------------------------------------------
+# Continuous batching: the fixed batch's samples, whatever the slot count.
+# --------------------------------------------------------------------------------------------
+
+
+def _assert_same_samples(out, ref):
+  for field in ("tokens", "response_mask", "lengths", "finished"):
+    np.testing.assert_array_equal(np.asarray(getattr(out, field)), getattr(ref, field), field)
+  np.testing.assert_allclose(np.asarray(out.logprobs), ref.logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("greedy", [False, True], ids=["per_prompt_keys", "greedy"])
+def test_continuous_batching_equals_fixed_batch(rollout, greedy):
+  """2 slots for 6 prompts (every slot refilled, at different steps) and 6 slots (none): the
+  fixed batch's tokens, masks and log-probs (per-prompt keys when sampling). 40 new tokens
+  over a 7-token prompt: the decode steps use both attention widths (7 + 32 and the whole
+  cache), and EOS ends some rows early. The log-probs are those of a full forward pass, so
+  PPO's ratio starts at 1."""
+  r = rollout
+  # EOS 29: with key 5 it ends rows after 4 to 36 tokens and leaves others running to 40.
+  scfg = dataclasses.replace(BASE, max_new_tokens=40, eos_id=29, min_new_tokens=2,
+                             greedy=greedy, key_per_prompt=True)
+  assert sampling.sampler.attention_widths(7, 40) == (39, 46)
+  args = (r["module"], r["params"], r["prompt"], r["pmask"], jax.random.key(5))
+  ref = jax.device_get(sampling.generate(*args, scfg))
+  assert 0 < ref.finished.sum() < 6 and (ref.lengths > 32).any()
+  for slots in (2, 6):
+    _assert_same_samples(sampling.generate(*args, dataclasses.replace(scfg, slots=slots)), ref)
+  helper = jax.jit(sampling.response_logprobs, static_argnums=(0, 5))(
+      r["module"], r["params"], r["prompt"], r["pmask"], ref, scfg.temperature)
+  np.testing.assert_allclose(np.asarray(helper), ref.logprobs, atol=1e-5, rtol=0)
+
+
+def test_continuous_batching_with_right_padding_and_chunked_prefill(rollout):
+  """Right-padded prompts prefilled in chunks of 3, 4 slots: the left-padded fixed batch's
+  samples (per-prompt keys)."""
+  r = rollout
+  scfg = dataclasses.replace(BASE, eos_id=r["eos"], key_per_prompt=True)
+  ref = jax.device_get(sampling.generate(r["module"], r["params"], r["prompt"], r["pmask"],
+                                         jax.random.key(3), scfg))
+  ids, mask = _right_padded(r["prompt"], r["pmask"])
+  out = sampling.generate(r["module"], r["params"], ids, mask, jax.random.key(3),
+                          dataclasses.replace(scfg, slots=4, prefill_chunk=3))
+  _assert_same_samples(out, ref)
+
+
+def test_per_prompt_keys_do_not_depend_on_the_batch(rollout):
+  """With per-prompt keys, prompt i's sample is the same alone at the end of a batch of 2 as
+  at row i of the whole batch: it depends on (key, i), not on its neighbours."""
+  r = rollout
+  scfg = dataclasses.replace(BASE, key_per_prompt=True)
+  full = jax.device_get(sampling.generate(r["module"], r["params"], r["prompt"], r["pmask"],
+                                          jax.random.key(3), scfg))
+  assert (full.tokens != r["free"].tokens).any()  # Not the batch-keyed draws.
+  ids = np.stack([r["prompt"][5], r["prompt"][1]])
+  mask = np.stack([r["pmask"][5], r["pmask"][1]])
+  pair = jax.device_get(sampling.generate(r["module"], r["params"], ids, mask,
+                                          jax.random.key(3), scfg))
+  np.testing.assert_array_equal(pair.tokens[1], full.tokens[1])
+  assert (pair.tokens[0] != full.tokens[5]).any()  # Row 0 draws prompt 0's numbers.
+
+
+# --------------------------------------------------------------------------------------------
 # Sharding: the same tokens on data meshes of 8 simulated devices (in a subprocess).
 # --------------------------------------------------------------------------------------------
 
 
 def test_sharded_sampling_matches_single_device():
+  """Fixed batch and continuous batching (16 prompts, 8 slots) on each mesh preset."""
   out = run_python(["tests/helpers/sampling_sharded.py"])
   report = json.loads(out.strip().splitlines()[-1])
   assert 0 < report["finished"] < 8  # EOS really ends some rows early.
   assert {c["preset"] for c in report["cases"]} == {"replicated", "fsdp", "fsdp_tensor"}
+  assert 0 < report["continuous_finished"] < 16
   for case in report["cases"]:
     assert case["tokens_equal"] and case["mask_equal"] and case["finished_equal"], case
     assert case["logprob_max_abs"] <= 1e-5, case
+    assert case["continuous_tokens_equal"] and case["continuous_lengths_equal"], case
+    assert case["continuous_logprob_max_abs"] <= 1e-5, case
   by = {c["preset"]: c for c in report["cases"]}
   assert by["replicated"]["tokens_spec"] == "P('data',)"  # 8 rows over data=8: one each.
   assert by["replicated"]["tokens_shard_rows"] == 1

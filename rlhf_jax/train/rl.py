@@ -25,7 +25,9 @@ def default_config() -> ml_collections.ConfigDict:
   groups); value: "separate" network or "head" on the policy; value_init: the separate
   network's backbone, from the "reward" model or the "policy"; reward_hf_dir: an HF reward
   model to optimise against instead of the pipeline's; init_hf_dir: the policy to start from
-  ("" = the pipeline's SFT policy, else config.model_dir)."""
+  ("" = the pipeline's SFT policy, else config.model_dir); slots: 0 samples each iteration's
+  rollouts as one fixed batch, N > 0 with continuous batching over N slots (sampling's
+  SamplingConfig.slots: rows that end are refilled, per-prompt random keys)."""
   c = ml_collections.ConfigDict(dict(
       algorithm="ppo", iterations=100, train_prompts=10_000, prompts_per_iter=256, group_size=1,
       minibatch_size=64, epochs=4, max_new_tokens=256, temperature=1.0, clip_eps=0.2,
@@ -35,7 +37,7 @@ def default_config() -> ml_collections.ConfigDict:
       loss_aggregation="token_mean", grpo_std_normalize=True, mask_truncated=False,
       reward_source="model", ensemble_std_coef=0.0, reward_clip=0.0, missing_eos_penalty=1.0,
       length_penalty=0.0, value="separate", value_init="reward", eval_every=10, fused=False,
-      init_hf_dir="", reward_hf_dir="", optim=optim.default_optim_config()))
+      slots=0, init_hf_dir="", reward_hf_dir="", optim=optim.default_optim_config()))
   c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 1.41e-5, 0, "constant"
   c.optim.weight_decay, c.optim.b2 = 0.0, 0.999
   return c
@@ -55,11 +57,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
                            "ppo.prompts_per_iter", "ppo.group_size", "ppo.minibatch_size",
                            "ppo.epochs", "ppo.max_new_tokens", "ppo.kl_horizon")
   stage_lib.check_at_least(config, 0, "ppo.eval_every", "ppo.kl_coef", "ppo.ent_coef",
-                           "ppo.vf_coef", "ppo.reward_clip", "ppo.ensemble_std_coef")
+                           "ppo.vf_coef", "ppo.reward_clip", "ppo.ensemble_std_coef",
+                           "ppo.slots")
   for key in ("temperature", "clip_eps", "kl_target"):
     if not cfg[key] > 0:
       raise ValueError(f"config.ppo.{key}={cfg[key]}: must be > 0")
   stage_lib.check_optim(config, "ppo")
+  if cfg.slots:  # The slots are rows of the sampler's batch: they split like one.
+    stage_lib.check_batch(config, "ppo.slots")
   if cfg.fused and cfg.reward_source != "model":
     raise ValueError("config.ppo.fused=True compiles the whole iteration: it needs "
                      "reward_source='model' (the gold reward is computed on the host)")
