@@ -1,7 +1,8 @@
 """Data: example types, readers (JSON Lines, JSON, Parquet), chat templates, tokenizer files,
-tokenisation, padded/packed batches, a resumable iterator, the review world (the embedded
-gold-reward task) and, in `rlhf_jax.data.tfds_hh`, a TFDS builder for hh-rlhf (imported on
-demand: it pulls in tensorflow_datasets).
+tokenisation, padded/packed batches (and packed pair rows for DPO, KTO and reward models), a
+resumable iterator, the review world (the embedded gold-reward task) and, in
+`rlhf_jax.data.tfds_hh`, a TFDS builder for hh-rlhf (imported on demand: it pulls in
+tensorflow_datasets).
 
     files = data.load_tokenizer_files("path/to/model_dir")   # tokenizer, specials, template
     fmt = files.chat_format()              # the model's chat template (else hh markers)
@@ -14,11 +15,12 @@ demand: it pulls in tensorflow_datasets).
                                                       response_len=256, pad_id=cfg.pad_id))
     it = data.DataIterator(tokenized, batcher, seed=0)   # save it.position; resume with it
 """
-from rlhf_jax.data.batching import (PackedBatch, PackedBatcher, PackedPreferenceBatch,
-                                    PaddedBatcher, PreferenceBatch, SequenceBatch, UnpairedBatch,
-                                    example_sequences, pack_preferences, pack_sequences,
-                                    pack_sft, pad_preferences, pad_sequences, pad_sft,
-                                    pad_unpaired, stack_pairs)
+from rlhf_jax.data.batching import (PackedBatch, PackedBatcher, PackedPairRows,
+                                    PackedPreferenceBatch, PaddedBatcher, PreferenceBatch,
+                                    SequenceBatch, UnpairedBatch, example_sequences,
+                                    pack_pair_rows, pack_preferences, pack_sequences, pack_sft,
+                                    pad_preferences, pad_sequences, pad_sft, pad_unpaired,
+                                    pair_footprint, stack_pairs)
 from rlhf_jax.data.chat import (ChatFormat, ChatRenderer, Message, hh_messages, split_hh_pair,
                                 split_hh_transcript)
 from rlhf_jax.data.chat_template import ChatTemplate

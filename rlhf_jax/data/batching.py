@@ -17,6 +17,13 @@ slot in the batch (-1 = padding), so per-sequence sums are one segment_sum away.
 usual shift (logits[:, :-1] predict input_ids[:, 1:]) use loss_mask[:, 1:]. Prompts are never
 empty (tokenisation enforces it), so a segment's first token is never a target and no
 prediction crosses a segment boundary.
+
+Packed pair rows (`pack_pair_rows`, for DPO, KTO and reward models): whole pairs (a prompt and
+two responses) placed first-fit into `rows` rows of `length` tokens, each pair inside one row,
+unshared ([prompt|first], [prompt|second] as two segments) or prefix-shared ([prompt|first|
+second], both responses with the prompt as parent segment and positions continuing it). Every
+index in them is row-local (a pair's slot within its row, a column of its row), so the leading
+row axis can be split by micro-batching and data sharding like any other batch axis.
 """
 import dataclasses
 from typing import Callable, Sequence
@@ -27,6 +34,7 @@ import numpy as np
 from rlhf_jax.data.tokenization import TokenizedPair, TokenizedSFT, TokenizedUnpaired
 
 Seq = tuple[np.ndarray, np.ndarray]  # (prompt ids, response ids)
+Triple = tuple[np.ndarray, np.ndarray, np.ndarray]  # (prompt, first response, second response)
 
 
 @flax.struct.dataclass
@@ -77,6 +85,45 @@ class PackedPreferenceBatch:
   tokens: PackedBatch
   margin: np.ndarray
   pair_mask: np.ndarray
+
+
+@flax.struct.dataclass
+class PackedPairRows:
+  """Pairs packed whole into [R, T] rows (see the module docstring); K = pair slots per row,
+  N = loss tokens per row. Pair k of a row has sequence slots 2k (its first response) and
+  2k+1 (its second).
+
+  [R, T] int32: input_ids, attention_mask, segment_ids (1-based, 0 = pad), positions,
+    parent_segment_ids (prefix-shared rows only, else None).
+  [R, N] int32, one entry per response token of the row (the loss tokens): predictor, the
+    column whose output predicts it (the previous column, except for a shared row's second
+    response, whose first token follows the prompt's last column, not the first response);
+    targets, the token itself; target_slot, its sequence slot (-1 = unused entry).
+  [R, 2K] int32 last_column: each slot's last token (the prompt's last one for an empty
+    response), where a reward model reads its score; 0 for empty slots.
+  [R, K] int32 pair_index: the pair's index in the packed list (-1 = empty slot), to place
+    per-pair inputs (`per_pair`) and read results back in list order.
+  """
+  input_ids: np.ndarray
+  attention_mask: np.ndarray
+  segment_ids: np.ndarray
+  positions: np.ndarray
+  parent_segment_ids: np.ndarray | None
+  predictor: np.ndarray
+  targets: np.ndarray
+  target_slot: np.ndarray
+  last_column: np.ndarray
+  pair_index: np.ndarray
+
+  @property
+  def pair_mask(self) -> np.ndarray:
+    return (self.pair_index >= 0).astype(np.int32)
+
+  def per_pair(self, values, dtype=np.float32) -> np.ndarray:
+    """[R, K]: values[i] (one per packed pair, list order) in pair i's slot, 0 in empty ones."""
+    values = np.asarray(values, dtype)
+    return np.where(self.pair_index >= 0, values[np.maximum(self.pair_index, 0)],
+                    0).astype(dtype)
 
 
 def example_sequences(ex) -> tuple[Seq, ...]:
@@ -236,6 +283,92 @@ def pack_preferences(examples: Sequence[TokenizedPair], rows: int, length: int,
   margin = np.zeros(max_sequences // 2, np.float32)
   margin[:len(examples)] = [e.margin for e in examples]
   return PackedPreferenceBatch(tokens, margin, tokens.sequence_mask[0::2].copy())
+
+
+def pair_footprint(triple: Triple, shared_prefix: bool) -> tuple[int, int]:
+  """(row tokens, loss tokens) of one packed pair: the prompt once or twice, both responses."""
+  p, a, b = (len(x) for x in triple)
+  return (p if shared_prefix else 2 * p) + a + b, a + b
+
+
+def pack_pair_rows(triples: Sequence[Triple], *, rows: int, length: int,
+                   loss_tokens: int | None, pairs_per_row: int, shared_prefix: bool,
+                   pad_id: int) -> PackedPairRows:
+  """Packs every (prompt, first, second) whole into one row, first fit over the rows in order,
+  within `length` tokens, `loss_tokens` response tokens and `pairs_per_row` pairs per row
+  (static sizes, so the batch shape never changes); ValueError if they do not all fit.
+  loss_tokens=None: no loss-token entries ([R, 0]; a reward model reads only last_column).
+
+  Unshared, pair k of a row is segments 2k+1 = [prompt|first] and 2k+2 = [prompt|second], each
+  with positions from 0. Shared, it is segments 3k+1 = prompt, 3k+2 = first, 3k+3 = second with
+  parents 0, 3k+1, 3k+1 and both responses' positions continuing the prompt's.
+  """
+  loss_cap = np.inf if loss_tokens is None else loss_tokens
+  width = 0 if loss_tokens is None else loss_tokens
+  fill = np.zeros(rows, np.int64)
+  loss_fill = np.zeros(rows, np.int64)
+  placed: list[list[tuple[int, int]]] = [[] for _ in range(rows)]  # (pair, offset) per row.
+  for i, triple in enumerate(triples):
+    n, m = pair_footprint(triple, shared_prefix)
+    counts = np.asarray([len(r) for r in placed])
+    fits = np.flatnonzero((fill + n <= length) & (loss_fill + m <= loss_cap)
+                          & (counts < pairs_per_row))
+    if not fits.size:
+      raise ValueError(f"{len(triples)} pairs do not fit {rows} rows of {length} tokens, "
+                       f"{loss_tokens} loss tokens and {pairs_per_row} pairs each (pair {i} "
+                       f"needs {n} tokens, {m} loss tokens)")
+    row = int(fits[0])
+    placed[row].append((i, int(fill[row])))
+    fill[row] += n
+    loss_fill[row] += m
+
+  ids = np.full((rows, length), pad_id, np.int32)
+  seg = np.zeros((rows, length), np.int32)
+  parent = np.zeros((rows, length), np.int32)
+  pos = np.zeros((rows, length), np.int32)
+  predictor = np.zeros((rows, width), np.int32)
+  targets = np.full((rows, width), pad_id, np.int32)
+  target_slot = np.full((rows, width), -1, np.int32)
+  last_column = np.zeros((rows, 2 * pairs_per_row), np.int32)
+  pair_index = np.full((rows, pairs_per_row), -1, np.int32)
+  n_loss = np.zeros(rows, np.int64)  # Loss entries written per row.
+
+  def put(row, tokens, col, segment, parent_segment, first_pos):
+    cols = slice(col, col + len(tokens))
+    ids[row, cols], seg[row, cols], parent[row, cols] = tokens, segment, parent_segment
+    pos[row, cols] = first_pos + np.arange(len(tokens), dtype=np.int32)
+
+  def response(row, tokens, col, context_last, slot):
+    """A response at columns [col, col + n): its first token is predicted from
+    `context_last` (the column it follows in its own sequence), the others from the previous
+    column."""
+    n = len(tokens)
+    last_column[row, slot] = col + n - 1 if n else context_last
+    if width and n:
+      entries = slice(n_loss[row], n_loss[row] + n)
+      predictor[row, entries] = np.arange(col - 1, col + n - 1)
+      predictor[row, n_loss[row]] = context_last
+      targets[row, entries], target_slot[row, entries] = tokens, slot
+      n_loss[row] += n
+
+  for row, pairs in enumerate(placed):
+    for k, (i, off) in enumerate(pairs):
+      prompt, first, second = triples[i]
+      lp, la = len(prompt), len(first)
+      pair_index[row, k] = i
+      if shared_prefix:
+        put(row, prompt, off, 3 * k + 1, 0, 0)
+        put(row, first, off + lp, 3 * k + 2, 3 * k + 1, lp)
+        put(row, second, off + lp + la, 3 * k + 3, 3 * k + 1, lp)
+        response(row, first, off + lp, off + lp - 1, 2 * k)
+        response(row, second, off + lp + la, off + lp - 1, 2 * k + 1)
+      else:
+        for j, (col, resp) in enumerate(((off, first), (off + lp + la, second))):
+          put(row, np.concatenate([prompt, resp]), col, 2 * k + 1 + j, 0, 0)
+          response(row, resp, col + lp, col + lp - 1, 2 * k + j)
+  return PackedPairRows(ids, (seg > 0).astype(np.int32), seg, pos,
+                        parent if shared_prefix else None, predictor, targets, target_slot,
+                        last_column, pair_index)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -293,7 +293,11 @@ class Transformer(nn.Module):
   explicit position ids and prefix sharing (see layout.full_layout). `logits_to_keep` = N > 0
   applies the LM head to the last N columns only (transformers' argument of the same name): a
   loss over response tokens then never builds the prompt's [B, T_prompt, vocab] logits, their
-  head matmuls or their log-softmax.
+  head matmuls or their log-softmax. `head_columns` [B, N] (column indices; negative ones read
+  column 0, for the caller to mask) applies the head of any role to those columns' hidden
+  states only, output [B, N, ...]: packed rows interleave prompts and responses, so no tail
+  holds just the loss tokens, and a gather before the head keeps its cost to them (a reward
+  model reads its packed scores the same way, at each sequence's last column).
   """
   cfg: ModelConfig
   role: str = "policy"
@@ -319,14 +323,18 @@ class Transformer(nn.Module):
 
   def __call__(self, input_ids, attention_mask=None, segment_ids=None, cache=None,
                max_segments=None, positions=None, parent_segment_ids=None,
-               logits_to_keep: int = 0):
+               logits_to_keep: int = 0, head_columns=None):
     if logits_to_keep and self.role not in ("policy", "reference", "policy_value"):
       raise ValueError(f"logits_to_keep={logits_to_keep} needs a role with an LM head, not "
                        f"{self.role!r}")
+    if logits_to_keep and head_columns is not None:
+      raise ValueError("give logits_to_keep or head_columns, not both")
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     hidden, new_cache = self.backbone(input_ids, attention_mask, segment_ids, cache, positions,
                                       parent_segment_ids)
+    if head_columns is not None:
+      hidden = jnp.take_along_axis(hidden, jnp.maximum(head_columns, 0)[..., None], axis=1)
     if self.role in ("policy", "reference", "policy_value"):
       kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
       rows = _rows(kept)
@@ -339,7 +347,9 @@ class Transformer(nn.Module):
       out = self.value_head(hidden.astype(jnp.float32))[..., 0]
     else:
       scores = self.reward_head(hidden.astype(jnp.float32))[..., 0]
-      if segment_ids is None:
+      if head_columns is not None:
+        out = scores
+      elif segment_ids is None:
         idx = layout_lib.last_token_index(attention_mask)
         out = jnp.take_along_axis(scores, jnp.maximum(idx, 0)[:, None], axis=1)[:, 0]
       else:

@@ -38,6 +38,9 @@ class PreferenceLogps(NamedTuple):
   reference (ref_* may be None for the reference-free losses `simpo` and `orpo`).
   *_tokens: number of response tokens (int or float), needed by the length-normalised losses
   (`ipo` by default, `simpo`, `orpo`) and by the RPO NLL term; a count of 0 is read as 1.
+  mask: optional, 1 = a real pair, 0 = an empty slot (packed batches hold a fixed number of
+  pair slots). Metrics then average over real pairs only and `preference_loss` returns 0 for
+  empty slots; their inputs must be finite (log-probs 0 and counts 0 are).
   """
   policy_chosen: jax.Array
   policy_rejected: jax.Array
@@ -45,6 +48,7 @@ class PreferenceLogps(NamedTuple):
   ref_rejected: jax.Array | None = None
   chosen_tokens: jax.Array | None = None
   rejected_tokens: jax.Array | None = None
+  mask: jax.Array | None = None
 
 
 # ----------------------------------------------------------------------------------------
@@ -70,7 +74,8 @@ def _prepare(logps: PreferenceLogps, *, need_ref: bool, need_tokens: bool) -> Pr
   return PreferenceLogps(
       policy_chosen=_f32(logps.policy_chosen), policy_rejected=_f32(logps.policy_rejected),
       ref_chosen=_f32(logps.ref_chosen), ref_rejected=_f32(logps.ref_rejected),
-      chosen_tokens=count(logps.chosen_tokens), rejected_tokens=count(logps.rejected_tokens))
+      chosen_tokens=count(logps.chosen_tokens), rejected_tokens=count(logps.rejected_tokens),
+      mask=logps.mask)
 
 
 def _log_ratios(lp: PreferenceLogps) -> tuple[jax.Array, jax.Array]:
@@ -110,13 +115,14 @@ def preference_metrics(logps: PreferenceLogps, *, beta, reference_free: bool = F
 
   reference_free=True (SimPO, ORPO) uses β·avg instead of β·Δ (SimPO's reward,
   arXiv:2405.14734; TRL reports the same for ORPO). Means are over all B rows, or over the rows
-  where `mask` [B] is 1 (padding pairs of a packed batch); they are *means of this batch*, so
-  under gradient accumulation the logged value is that of the micro-batch(es) averaged by the
-  caller. chosen_entropy / rejected_entropy [B], if given (the per-sequence mean per-token
-  entropy, e.g. from `objectives.logprobs_and_entropy`), add entropy/chosen and
-  entropy/rejected.
+  where `mask` [B] (default: logps.mask) is 1 (padding pairs of a packed batch); they are
+  *means of this batch*, so under gradient accumulation the logged value is that of the
+  micro-batch(es) averaged by the caller. chosen_entropy / rejected_entropy [B], if given (the
+  per-sequence mean per-token entropy, e.g. from `objectives.logprobs_and_entropy`), add
+  entropy/chosen and entropy/rejected.
   """
   lp = _prepare(logps, need_ref=not reference_free, need_tokens=reference_free)
+  mask = lp.mask if mask is None else mask
   if reference_free:
     r_w, r_l = _averages(lp)
   else:
@@ -325,7 +331,7 @@ def orpo_loss(logps: PreferenceLogps, *, beta) -> LossOutput:
   nll = -avg_w
   losses = nll - beta * jax.nn.log_sigmoid(log_odds)
   metrics = preference_metrics(lp, beta=beta, reference_free=True)
-  metrics.update({"orpo/log_odds": jnp.mean(log_odds), "orpo/nll": jnp.mean(nll)})
+  metrics.update({"orpo/log_odds": _mean(log_odds, lp.mask), "orpo/nll": _mean(nll, lp.mask)})
   return losses, metrics
 
 
@@ -355,15 +361,19 @@ def preference_loss(loss: str | Callable[..., LossOutput], logps: PreferenceLogp
   NLL per chosen token defaults to −policy_chosen / chosen_tokens (TRL's normalisation; the
   paper divides by |x| + |y_w|); pass `chosen_nll` [B] to use another one. The term is added
   when nll_weight is not the Python number 0 (a traced weight always adds it), and reported as
-  metrics["nll"] (mean over the batch). Returns (per_example_losses [B], metrics).
+  metrics["nll"] (mean over the batch). Returns (per_example_losses [B], metrics); with
+  logps.mask, the losses of empty slots are 0.
   """
   fn = PREFERENCE_LOSSES[loss] if isinstance(loss, str) else loss
   losses, metrics = fn(logps, beta=beta, **hparams)
-  if isinstance(nll_weight, (int, float)) and nll_weight == 0 and chosen_nll is None:
-    return losses, metrics
-  if chosen_nll is None:
-    lp = _prepare(logps, need_ref=False, need_tokens=True)
-    chosen_nll = -lp.policy_chosen / lp.chosen_tokens
-  chosen_nll = _f32(chosen_nll)
-  chex.assert_equal_shape([chosen_nll, losses])
-  return losses + nll_weight * chosen_nll, {**metrics, "nll": jnp.mean(chosen_nll)}
+  if not (isinstance(nll_weight, (int, float)) and nll_weight == 0 and chosen_nll is None):
+    if chosen_nll is None:
+      lp = _prepare(logps, need_ref=False, need_tokens=True)
+      chosen_nll = -lp.policy_chosen / lp.chosen_tokens
+    chosen_nll = _f32(chosen_nll)
+    chex.assert_equal_shape([chosen_nll, losses])
+    losses = losses + nll_weight * chosen_nll
+    metrics = {**metrics, "nll": _mean(chosen_nll, logps.mask)}
+  if logps.mask is not None:
+    losses = jnp.where(jnp.asarray(logps.mask) > 0, losses, 0.0)
+  return losses, metrics

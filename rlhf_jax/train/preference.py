@@ -9,6 +9,9 @@ Reference log-probs come from one of (config.dpo.reference):
   "none"        reference-free losses (simpo, orpo).
 Prefix sharing (config.dpo.shared_prefix): each pair is one row [prompt | chosen | rejected]
 (train.scoring), so the prompt is encoded once per pair.
+Packing (config.dpo.packing.rows > 0): each step's batch_size pairs (KTO: examples) packed
+whole, several per row, into fixed rows (train.scoring, data.pack_pair_rows), with or without
+prefix sharing; the same losses and gradients as the padded layout from fewer token slots.
 LoRA (config.lora.rank > 0): the state's params are the adapters; the policy's own params are
 the frozen base, an undonated input of the step and also the reference (no copy).
 """
@@ -37,13 +40,15 @@ LOSS_HPARAMS = {"sigmoid": ("label_smoothing",), "robust": ("label_smoothing",),
 def default_config() -> ml_collections.ConfigDict:
   """config.dpo: `loss` is "kto" or a key of objectives.PREFERENCE_LOSSES (sigmoid = DPO);
   reference: see the module docstring; ref_sync_every/alpha: TR-DPO; init_hf_dir: the policy
-  to start from ("" = the pipeline's SFT policy, else config.model_dir, else fresh)."""
+  to start from ("" = the pipeline's SFT policy, else config.model_dir, else fresh);
+  packing: see scoring.packing_config, plus loss_tokens, the response tokens a packed row may
+  hold (the LM head's columns per row; 0 = packing.length)."""
   return ml_collections.ConfigDict(dict(
       loss="sigmoid", beta=0.1, label_smoothing=0.0, gamma=0.5, length_normalized=True,
       nll_weight=0.0, desirable_weight=1.0, undesirable_weight=1.0, reference="model",
       shared_prefix=False, ref_sync_every=0,
       ref_sync_alpha=1.0, init_hf_dir="", steps=200, batch_size=16, eval_every=100,
-      optim=optim.default_optim_config()))
+      packing=scoring.packing_config(loss_tokens=0), optim=optim.default_optim_config()))
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -59,13 +64,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.dpo.beta={cfg.beta}: must be > 0")
   stage_lib.check_optim(config, "dpo")
   stage_lib.check_batch(config, "dpo.batch_size", accum_key="dpo.optim.accum_steps")
+  scoring.check_packing(config, "dpo")
   is_kto = cfg.loss == "kto"
   if is_kto and cfg.optim.accum_steps > 1:
     raise ValueError("config.dpo.loss='kto' with accum_steps > 1 would estimate the batch KL "
                      "z0 per micro-batch; use accum_steps=1 and a larger batch")
-  if is_kto and (cfg.reference != "model" or cfg.shared_prefix):
-    raise ValueError("config.dpo.loss='kto' needs config.dpo.reference='model' and "
-                     "shared_prefix=False (the KL rows need the reference in the step)")
+  if is_kto and cfg.reference != "model":
+    raise ValueError("config.dpo.loss='kto' needs config.dpo.reference='model' (the KL rows "
+                     "need the reference in the step)")
+  if is_kto and cfg.shared_prefix and not cfg.packing.rows:
+    raise ValueError("config.dpo.loss='kto' with config.dpo.shared_prefix needs packing "
+                     "(config.dpo.packing.rows > 0): padded KTO builds its KL rows in the "
+                     "step, packed KTO on the host, where they can share the prompt")
   if cfg.loss in REFERENCE_FREE and cfg.reference != "none":
     raise ValueError(f"config.dpo.loss={cfg.loss!r} is reference-free: set "
                      "config.dpo.reference='none'")
@@ -90,11 +100,17 @@ def preference_loss_fn(module, cfg: ml_collections.ConfigDict, prompt_len: int,
 
   Its extra state entries are the reference params ("ref", for config.dpo.reference = "model")
   and, with `beta_in_state`, β as the last one (a traced scalar instead of config.dpo.beta, so
-  a vmap over stacked states sweeps it: train.sweep).
+  a vmap over stacked states sweeps it: train.sweep). With config.dpo.packing.rows > 0 the
+  batch is packed pair rows (`_collate_fn`): per-slot values, empty slots masked out of the
+  losses, the metrics and the count.
   """
   hparams = {k: cfg[k] for k in LOSS_HPARAMS.get(cfg.loss, ())}
-  logps_of = lambda p, b: scoring.pair_logps(module, p, b, prompt_len=prompt_len,
-                                             shared_prefix=cfg.shared_prefix)
+  packed = cfg.packing.rows > 0
+  if packed:
+    logps_of = lambda p, b: scoring.packed_pair_logps(module, p, b)
+  else:
+    logps_of = lambda p, b: scoring.pair_logps(module, p, b, prompt_len=prompt_len,
+                                               shared_prefix=cfg.shared_prefix)
 
   def loss_fn(params, batch, rng_key, *extra):
     del rng_key
@@ -103,15 +119,17 @@ def preference_loss_fn(module, cfg: ml_collections.ConfigDict, prompt_len: int,
     if cfg.reference == "model":
       ref_c, ref_r, _, _ = jax.lax.stop_gradient(logps_of(ref[0], batch))
     elif cfg.reference == "precomputed":
-      ref_c, ref_r = batch["ref_chosen"], batch["ref_rejected"]
+      ref_c, ref_r = batch["ref_chosen"].reshape(-1), batch["ref_rejected"].reshape(-1)
     else:
       ref_c = ref_r = None
+    mask = batch["pair_mask"].reshape(-1) if packed else None
     logps = objectives.PreferenceLogps(policy_chosen=s_c, policy_rejected=s_r, ref_chosen=ref_c,
                                        ref_rejected=ref_r, chosen_tokens=n_c,
-                                       rejected_tokens=n_r)
+                                       rejected_tokens=n_r, mask=mask)
     losses, metrics = objectives.preference_loss(cfg.loss, logps, beta=beta,
                                                  nll_weight=cfg.nll_weight, **hparams)
-    pairs = jnp.asarray(losses.shape[0], jnp.float32)
+    pairs = (jnp.asarray(losses.shape[0], jnp.float32) if mask is None else
+             jnp.sum(mask.astype(jnp.float32)))
     # Batch means -> sums, so that accumulation renormalises by the global pair count.
     return jnp.sum(losses), (pairs, {k: v * pairs for k, v in metrics.items()})
   return loss_fn
@@ -176,25 +194,35 @@ def mismatched_rows(batch, prompt_len: int, successors: np.ndarray):
 
 def kto_loss_fn(module, cfg: ml_collections.ConfigDict, prompt_len: int):
   """loss_fn for step.make_train_step: summed KTO losses; count = examples. The reference is
-  the frozen "ref" state entry (KTO needs reference log-probs of the mismatched rows too)."""
-  def logps(params, ids, mask, loss_mask):
-    return scoring.response_sums(module, params, ids, mask, loss_mask, prompt_len)[0]
+  the frozen "ref" state entry (KTO needs reference log-probs of the mismatched rows too).
+  Packed (config.dpo.packing.rows > 0), each pair slot holds an example's completion and its
+  KL row's (`_collate_fn`), so one packed forward scores both and empty slots are masked."""
+  packed = cfg.packing.rows > 0
 
-  def loss_fn(params, batch, rng_key, ref):
-    del rng_key
+  def logps(params, batch):
+    """(summed log-probs of the completions, of the KL rows' completions)."""
+    if packed:
+      return scoring.packed_pair_logps(module, params, batch)[:2]
     b = batch["ids"].shape[0]
     kl_ids, kl_mask, kl_loss_mask = mismatched_rows(
         batch, prompt_len, stream_successors(b, jax.process_count()))
     ids = jnp.concatenate([batch["ids"], kl_ids])
     mask = jnp.concatenate([batch["mask"], kl_mask])
     loss_mask = jnp.concatenate([batch["loss_mask"], kl_loss_mask])
-    policy = logps(params, ids, mask, loss_mask)
-    reference = jax.lax.stop_gradient(logps(ref, ids, mask, loss_mask))
+    sums = scoring.response_sums(module, params, ids, mask, loss_mask, prompt_len)[0]
+    return sums[:b], sums[b:]
+
+  def loss_fn(params, batch, rng_key, ref):
+    del rng_key
+    policy, policy_kl = logps(params, batch)
+    reference, reference_kl = jax.lax.stop_gradient(logps(ref, batch))
+    mask = batch["pair_mask"].reshape(-1) if packed else None
     losses, metrics = objectives.kto_loss(
-        policy[:b], reference[:b], policy[b:], reference[b:], batch["desirable"],
+        policy, reference, policy_kl, reference_kl, batch["desirable"].reshape(-1),
         beta=cfg.beta, desirable_weight=cfg.desirable_weight,
-        undesirable_weight=cfg.undesirable_weight)
-    n = jnp.asarray(b, jnp.float32)
+        undesirable_weight=cfg.undesirable_weight, mask=mask, kl_mask=mask)
+    n = (jnp.asarray(policy.shape[0], jnp.float32) if mask is None else
+         jnp.sum(mask.astype(jnp.float32)))
     return jnp.sum(losses), (n, {k: v * n for k, v in metrics.items()})
   return loss_fn
 
@@ -276,18 +304,41 @@ class _Indexed:
     return i
 
 
-def _collate_fn(cfg, tok, train_pairs, reference_logps):
-  """indices -> the step's arrays for the configured loss and layout."""
+def _collate_fn(cfg, tok, train_pairs, reference_logps, pack=None):
+  """indices -> the step's arrays for the configured loss and layout; `pack` (from
+  scoring.pair_packer) packs (prompt, first, second) triples, None = padded.
+
+  Packed KTO puts example i and its KL row (prompt i, completion of succ(i)) in one pair slot,
+  with succ the rule padded KTO uses on one process (the next example of the batch, wrapping),
+  so the two layouts score the same rows. On several processes each process packs its own
+  examples, so succ stays within its share (padded KTO follows the global stream instead);
+  either way z₀ averages over mismatched completions."""
   if cfg.loss == "kto":  # Each pair gives a desirable and an undesirable completion.
     unpaired = [data.TokenizedUnpaired(p.prompt, c, good) for p in train_pairs
                 for c, good in ((p.chosen, True), (p.rejected, False))]
-    return len(unpaired), lambda idx: collate_unpaired([unpaired[i] for i in idx], tok)
+    if pack is None:
+      return len(unpaired), lambda idx: collate_unpaired([unpaired[i] for i in idx], tok)
+
+    def collate_kto(idx):
+      examples = [unpaired[i] for i in idx]
+      succ = stream_successors(len(examples), 1)
+      packed = pack([(e.prompt, e.completion, examples[j].completion)
+                     for e, j in zip(examples, succ)], tok.pad_id)
+      return {**scoring.packed_pair_arrays(packed),
+              "desirable": packed.per_pair([e.desirable for e in examples], np.int32)}
+    return len(unpaired), collate_kto
 
   def collate(idx):
-    arrays = scoring.collate_pairs([train_pairs[i] for i in idx], tok, cfg.shared_prefix)
+    pairs = [train_pairs[i] for i in idx]
+    if pack is None:
+      arrays = scoring.collate_pairs(pairs, tok, cfg.shared_prefix)
+      place = lambda values: values.astype(np.float32)
+    else:
+      packed = pack([(p.prompt, p.chosen, p.rejected) for p in pairs], tok.pad_id)
+      arrays, place = scoring.packed_pair_arrays(packed), packed.per_pair
     if reference_logps is not None:
-      arrays["ref_chosen"] = reference_logps[0][idx].astype(np.float32)
-      arrays["ref_rejected"] = reference_logps[1][idx].astype(np.float32)
+      arrays["ref_chosen"] = place(reference_logps[0][idx])
+      arrays["ref_rejected"] = place(reference_logps[1][idx])
     return arrays
   return len(train_pairs), collate
 
@@ -332,7 +383,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, init: stage_lib.Init = 
     os.makedirs(workdir, exist_ok=True)
     reference_logps = cached_reference_logps(os.path.join(workdir, "ref_logps.npz"), module,
                                              ref_params, train_pairs, tok, mesh, cfg)
-  n_examples, collate = _collate_fn(cfg, tok, train_pairs, reference_logps)
+  pack = None
+  if cfg.packing.rows:
+    pack = scoring.pair_packer(config, NAME, cfg.shared_prefix)
+    scoring.check_pairs_fit(config, NAME, cfg.shared_prefix, train_pairs,
+                            unpaired=cfg.loss == "kto")
+  n_examples, collate = _collate_fn(cfg, tok, train_pairs, reference_logps, pack)
   # Each process collates its share of the global batch from its slice of the stream.
   batcher = data.PaddedBatcher(
       parallel.distributed.local_batch_size(cfg.batch_size, "config.dpo.batch_size"),

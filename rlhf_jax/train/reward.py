@@ -11,6 +11,11 @@ After training each member's head is affinely rescaled so that its rewards on a 
 (the held-out pairs' chosen and rejected responses) have mean 0 and std 1; the gain and bias
 are folded into the head's kernel and bias, so the stored params *are* the normalised model.
 The export is an HF `*ForSequenceClassification` per member (see models.save_hf for the bias).
+
+Packing (config.reward.packing.rows > 0): each step's batch_size pairs packed whole, several
+per row, into fixed rows (data.pack_pair_rows), optionally prefix-shared ([prompt | chosen |
+rejected], packing.shared_prefix); scores are read at each response's last token, so the loss
+and gradients equal the padded layout's.
 """
 import json
 import os
@@ -35,10 +40,12 @@ def default_config() -> ml_collections.ConfigDict:
   """config.reward: Bradley–Terry steps over `batch_size` pairs; `ensemble_size` members;
   use_margin: the data's margins in the loss; center_coef: the (r_c + r_r)² penalty;
   init_hf_dir: the backbone to start from ("" = the pipeline's SFT policy, else
-  config.model_dir, else fresh)."""
+  config.model_dir, else fresh); packing: see scoring.packing_config, plus shared_prefix (one
+  copy of the prompt per packed pair)."""
   return ml_collections.ConfigDict(dict(
       steps=150, batch_size=32, ensemble_size=1, use_margin=False, center_coef=0.0,
-      eval_every=50, eval_batch_size=256, init_hf_dir="", optim=optim.default_optim_config()))
+      eval_every=50, eval_batch_size=256, init_hf_dir="",
+      packing=scoring.packing_config(shared_prefix=False), optim=optim.default_optim_config()))
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -47,6 +54,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   stage_lib.check_at_least(config, 0, "reward.eval_every", "reward.center_coef")
   stage_lib.check_optim(config, "reward")
   stage_lib.check_batch(config, "reward.batch_size", accum_key="reward.optim.accum_steps")
+  scoring.check_packing(config, "reward")
+  if config.reward.packing.shared_prefix and not config.reward.packing.rows:
+    raise ValueError("config.reward.packing.shared_prefix needs config.reward.packing.rows > 0 "
+                     "(the padded reward layout has one sequence per row)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,16 +80,39 @@ def pair_rewards(module, params, batch) -> tuple[jax.Array, jax.Array]:
   return tuple(jnp.split(module.apply({"params": params}, ids, mask), 2))
 
 
-def reward_loss_fn(module, *, use_margin: bool, center_coef: float):
-  """loss_fn for step.make_train_step: Bradley–Terry summed over pairs, count = pairs."""
+def packed_pair_rewards(module, params, batch) -> tuple[jax.Array, jax.Array]:
+  """(r_chosen, r_rejected) [R·K] of packed pair rows (scoring.packed_pair_arrays), from one
+  forward pass: the head reads each response's last column (`head_columns`); empty slots read
+  column 0, for the caller to mask."""
+  scores = module.apply({"params": params}, batch["ids"], batch["mask"], batch["segment_ids"],
+                        positions=batch["positions"],
+                        parent_segment_ids=batch.get("parent_segment_ids"),
+                        head_columns=batch["last_column"])
+  return scores[:, 0::2].reshape(-1), scores[:, 1::2].reshape(-1)
+
+
+def reward_loss_fn(module, *, use_margin: bool, center_coef: float, packed: bool = False):
+  """loss_fn for step.make_train_step: Bradley–Terry summed over pairs, count = pairs. packed:
+  the batch is packed pair rows (`collate_packed`), empty pair slots weighted 0."""
+  rewards_of = packed_pair_rewards if packed else pair_rewards
+
   def loss_fn(params, batch, rng_key):
     del rng_key
-    r_c, r_r = pair_rewards(module, params, batch)
+    r_c, r_r = rewards_of(module, params, batch)
     loss_sum, sums = objectives.bradley_terry(
-        r_c, r_r, margin=batch["margin"] if use_margin else None, center_coef=center_coef)
+        r_c, r_r, margin=batch["margin"].reshape(-1) if use_margin else None,
+        center_coef=center_coef,
+        weights=batch["pair_mask"].reshape(-1) if packed else None)
     return loss_sum, (sums["pairs"], {"accuracy": sums["accuracy"],
                                       "reward_margin": sums["margin"]})
   return loss_fn
+
+
+def collate_packed(pairs, pack, pad_id: int) -> dict[str, np.ndarray]:
+  """Packed pair rows of `pairs` (pack: scoring.pair_packer) and their margins [R, K]."""
+  packed = pack([(p.prompt, p.chosen, p.rejected) for p in pairs], pad_id)
+  return {**scoring.packed_pair_arrays(packed), "margin": packed.per_pair([p.margin
+                                                                          for p in pairs])}
 
 
 def _stacked_sharding(sharding: NamedSharding) -> NamedSharding:
@@ -131,8 +165,8 @@ def ensemble_step(step_fn):
 
 class EnsembleIterator:
   """k DataIterators over the members' training sets, advanced together; batches stacked
-  [k, ...]. All members consume the same number of examples per batch (padded batches), so one
-  integer position resumes all of them."""
+  [k, ...]. All members consume the same number of examples per batch (batch_size pairs, padded
+  or packed), so one integer position resumes all of them."""
 
   def __init__(self, iterators):
     self._iterators = iterators
@@ -145,7 +179,7 @@ class EnsembleIterator:
     return self
 
   def __next__(self):
-    batches = [pair_arrays(next(it)) for it in self._iterators]
+    batches = [next(it) for it in self._iterators]
     return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
@@ -220,8 +254,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, init: stage_lib.Init = 
   per_member = bool(train_pairs) and isinstance(train_pairs[0], list)
   sources = (train_pairs if per_member else
              bootstrap_sources(train_pairs, cfg.ensemble_size, config.seed))
-  collate = lambda exs: data.pad_preferences(exs, tok.max_prompt_len, tok.max_response_len,
-                                             tok.pad_id)
+  if cfg.packing.rows:
+    scoring.check_pairs_fit(config, NAME, cfg.packing.shared_prefix,
+                            [p for src in sources for p in src])
+    pack = scoring.pair_packer(config, NAME, cfg.packing.shared_prefix)
+    collate = lambda exs: collate_packed(exs, pack, tok.pad_id)
+  else:
+    collate = lambda exs: pair_arrays(data.pad_preferences(exs, tok.max_prompt_len,
+                                                           tok.max_response_len, tok.pad_id))
   # Each process collates its share of the global batch from its slice of the stream.
   batcher = data.PaddedBatcher(
       parallel.distributed.local_batch_size(cfg.batch_size, "config.reward.batch_size"), collate)
@@ -247,8 +287,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, init: stage_lib.Init = 
                          backbone)
   state = ensemble_state(params, tx, key, mesh, rules)
   single = step_lib.make_train_step(
-      reward_loss_fn(module, use_margin=cfg.use_margin, center_coef=cfg.center_coef), tx,
-      accum_steps=cfg.optim.accum_steps)
+      reward_loss_fn(module, use_margin=cfg.use_margin, center_coef=cfg.center_coef,
+                     packed=cfg.packing.rows > 0), tx, accum_steps=cfg.optim.accum_steps)
   step_fn = state_lib.jit_step(ensemble_step(single), state)
 
   def eval_fn(params):
@@ -260,7 +300,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, init: stage_lib.Init = 
         workdir=workdir, state=state, step_fn=step_fn, make_iterator=make_iterator,
         to_device=lambda b: shard_members(b, mesh), loop=stage_lib.loop_config(cfg, config.run),
         extra=stage_lib.checkpoint_extra(config, module), eval_fn=eval_fn, desc=NAME, schedule=schedule,
-        count_tokens=lambda b: int(np.sum(b["chosen_mask"]) + np.sum(b["rejected_mask"])))
+        count_tokens=_token_count)
     results, rewards = evaluate_pairs(module, state["params"], eval_pairs, tok, mesh,
                                       cfg.eval_batch_size)
     params, mean, std = normalize_heads(state["params"], rewards)
@@ -274,3 +314,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, init: stage_lib.Init = 
   hf_dir = stage_lib.export(config, workdir, module, params, task, dtype)
   return stage_lib.StageResult(NAME, module, params, task, mesh, results, workdir, hf_dir,
                                dtype)
+
+
+def _token_count(batch) -> int:
+  """Real tokens of a host batch, padded (chosen + rejected rows) or packed."""
+  return int(sum(np.sum(v) for k, v in batch.items()
+                 if k in ("mask", "chosen_mask", "rejected_mask")))

@@ -7,14 +7,19 @@ Pair layouts (`collate_pairs`):
   shared    one [B, P+2R] row per pair, [prompt | chosen | rejected]: both responses attend to
             the single copy of the prompt and not to each other (segment ids with a parent
             segment, explicit positions), so the prompt is encoded once per pair.
+  packed    several whole pairs per fixed [R, T] row (data.pack_pair_rows, config
+            `<stage>.packing`), unshared or prefix-shared: no row is mostly padding, so the
+            same pairs cost fewer token slots. Losses and gradients equal the padded layout's.
 """
 import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from rlhf_jax import data, objectives, parallel
+from rlhf_jax.train import stage as stage_lib
 
 # ---------------------------------------------------------------------------------------------
 # Pair batches
@@ -53,6 +58,102 @@ def collate_pairs(pairs, tok: data.TokenizeConfig, shared_prefix: bool) -> dict[
   """Fixed-width arrays of `pairs` in either layout (widths from `tok`, not from the pairs)."""
   batch = data.pad_preferences(pairs, tok.max_prompt_len, tok.max_response_len, tok.pad_id)
   return shared_prefix_rows(batch, tok.max_prompt_len) if shared_prefix else pair_rows(batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed pair rows: config, packing, arrays
+# ---------------------------------------------------------------------------------------------
+
+
+def packing_config(**extra) -> ml_collections.ConfigDict:
+  """`<stage>.packing`: rows = 0 keeps the padded layout (the default); rows > 0 packs each
+  batch's `batch_size` pairs into `rows` global rows of `length` tokens (a fixed number of
+  pairs per step, so steps, schedules and resume mean what they do padded). `extra`: the
+  stage's own keys (the DPO stage's loss_tokens, the reward stage's shared_prefix)."""
+  return ml_collections.ConfigDict(dict(rows=0, length=0, **extra))
+
+
+def check_packing(config, section: str) -> None:
+  """config.<section>.packing: sizes that can run; rows split like a batch (processes, batch
+  devices, micro-batches)."""
+  key = f"{section}.packing"
+  cfg = config[section].packing
+  loss_tokens = cfg.get("loss_tokens", 0)
+  stage_lib.check_at_least(config, 0, f"{key}.rows", f"{key}.length",
+                           *((f"{key}.loss_tokens",) if "loss_tokens" in cfg else ()))
+  if not cfg.rows:
+    if cfg.length or loss_tokens:
+      raise ValueError(f"config.{key} sets sizes but config.{key}.rows=0 keeps the padded "
+                       f"layout; set config.{key}.rows > 0 to pack")
+    return
+  stage_lib.check_positive(config, f"{key}.length")
+  if loss_tokens > cfg.length:
+    raise ValueError(f"config.{key}.loss_tokens={cfg.loss_tokens} exceeds "
+                     f"config.{key}.length={cfg.length}")
+  stage_lib.check_batch(config, f"{key}.rows", accum_key=f"{section}.optim.accum_steps")
+
+
+def pair_packer(config, section: str, shared_prefix: bool):
+  """triples -> data.PackedPairRows of this process's share of a batch (its rows and pairs),
+  as config.<section>.packing says. A batch that does not fit names the keys to raise."""
+  cfg = config[section]
+  rows = parallel.distributed.local_batch_size(cfg.packing.rows,
+                                               f"config.{section}.packing.rows")
+  pairs = parallel.distributed.local_batch_size(cfg.batch_size, f"config.{section}.batch_size")
+  # A stage without an LM head (no loss_tokens key) packs no loss-token entries.
+  loss_tokens = None
+  if "loss_tokens" in cfg.packing:
+    loss_tokens = cfg.packing.loss_tokens or cfg.packing.length
+  sizes_keys = "rows/length" + ("/loss_tokens" if loss_tokens is not None else "")
+  sizes = dict(rows=rows, length=cfg.packing.length, loss_tokens=loss_tokens,
+               # Any number of the batch's pairs may share a row: the slot arrays stay small.
+               pairs_per_row=pairs, shared_prefix=shared_prefix)
+
+  def pack(triples, pad_id: int) -> data.PackedPairRows:
+    try:
+      return data.pack_pair_rows(triples, pad_id=pad_id, **sizes)
+    except ValueError as e:
+      raise ValueError(f"config.{section}.packing: {e}; raise config.{section}.packing."
+                       f"{sizes_keys} or lower config.{section}.batch_size") from None
+  return pack
+
+
+def check_pairs_fit(config, section: str, shared_prefix: bool, pairs,
+                    unpaired: bool = False) -> None:
+  """Every pair fits one packed row by itself: checked over the whole training set before the
+  first step, not when the stream happens to reach a long pair. unpaired (KTO): a row holds
+  an example's prompt and completion and another example's completion, bounded here by the
+  longest completion of the set."""
+  packing = config[section].packing
+  if unpaired:
+    longest = max(max(len(p.chosen), len(p.rejected)) for p in pairs)
+    footprints = [data.pair_footprint((p.prompt, c, range(longest)), shared_prefix)
+                  for p in pairs for c in (p.chosen, p.rejected)]
+  else:
+    footprints = [data.pair_footprint((p.prompt, p.chosen, p.rejected), shared_prefix)
+                  for p in pairs]
+  tokens, loss = (max(f[i] for f in footprints) for i in range(2))
+  if tokens > packing.length:
+    raise ValueError(f"config.{section}.packing.length={packing.length}: a training pair "
+                     f"needs up to {tokens} tokens in one row")
+  loss_tokens = packing.get("loss_tokens", 0)
+  if loss_tokens and loss > loss_tokens:
+    raise ValueError(f"config.{section}.packing.loss_tokens={loss_tokens}: a training pair "
+                     f"has up to {loss} response tokens")
+
+
+def packed_pair_arrays(packed: data.PackedPairRows) -> dict[str, np.ndarray]:
+  """The step's arrays of packed pair rows, all [R, ...] (pair slots [R, K]); the loss-token
+  entries only when packed with them."""
+  out = {"ids": packed.input_ids, "mask": packed.attention_mask,
+         "segment_ids": packed.segment_ids, "positions": packed.positions,
+         "last_column": packed.last_column, "pair_mask": packed.pair_mask}
+  if packed.predictor.shape[1]:
+    out.update(predictor=packed.predictor, targets=packed.targets,
+               target_slot=packed.target_slot)
+  if packed.parent_segment_ids is not None:
+    out["parent_segment_ids"] = packed.parent_segment_ids
+  return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,6 +207,29 @@ def pair_logps(module, params, batch, *, prompt_len: int, shared_prefix: bool):
   s_r, n_r = _masked_sums(next_lp.at[:, first - prompt_len].set(first_lp),
                           batch["rejected_loss_mask"][:, prompt_len - 1:])
   return s_c, s_r, n_c, n_r
+
+
+def packed_pair_logps(module, params, batch):
+  """(first sums, second sums, first tokens, second tokens), each [R·K] float32 (pair slot k
+  of row r at r·K + k; empty slots 0): summed response log-probs of one forward pass over
+  packed pair rows (`packed_pair_arrays`).
+
+  The LM head runs only at the predictor column of each loss token (`head_columns`), so no
+  prompt column pays for it; the per-token log-probs are then summed per sequence slot
+  within each row (a vmapped segment_sum: row-local, so rows shard and micro-batch freely).
+  """
+  logits = module.apply({"params": params}, batch["ids"], batch["mask"], batch["segment_ids"],
+                        positions=batch["positions"],
+                        parent_segment_ids=batch.get("parent_segment_ids"),
+                        head_columns=batch["predictor"])
+  slot = batch["target_slot"]
+  real = slot >= 0
+  logp = jnp.where(real, objectives.token_logprobs(logits, batch["targets"]), 0.0)
+  slots = batch["last_column"].shape[1]
+  per_slot = jax.vmap(lambda v, s: jax.ops.segment_sum(v, s, slots))
+  sums, counts = per_slot(logp, slot), per_slot(real.astype(jnp.float32), slot)
+  return (sums[:, 0::2].reshape(-1), sums[:, 1::2].reshape(-1), counts[:, 0::2].reshape(-1),
+          counts[:, 1::2].reshape(-1))
 
 
 @functools.lru_cache(maxsize=None)

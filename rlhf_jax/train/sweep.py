@@ -69,6 +69,9 @@ def dpo_beta_sweep(config: ml_collections.ConfigDict, *, task, mesh, module, sft
                      f"config.dpo.loss={cfg.loss!r}, config.dpo.reference={cfg.reference!r}")
   if cfg.ref_sync_every:
     raise ValueError("config.dpo.ref_sync_every (TR-DPO) is not supported by the β sweep")
+  if cfg.packing.rows:
+    raise ValueError("config.dpo.packing.rows > 0: the β sweep draws padded batches; set "
+                     "config.dpo.packing.rows=0 (the losses are the same either way)")
   tok, n = task.tokenize_config, len(betas)
   tx, _ = optim.make_optimizer(cfg.optim, cfg.steps)
   # As the preference stage: a copy of the SFT params (the first step donates them), same rng.
