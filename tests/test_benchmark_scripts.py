@@ -3,6 +3,7 @@
 Smoke tests with shrunken shapes, in subprocesses (the scripts are entry points, and gpu.sh is
 a shell script): they check structure and the built-in parity checks, never speed.
 """
+import importlib.util
 import json
 import os
 import subprocess
@@ -89,3 +90,73 @@ def test_gpu_script_tiny_cpu_mode():
   assert mem["memory_analysis"]["temp_size_in_bytes"] > 0
   assert gen["new_tokens_per_s"] > 0 and gen["new_tokens"] == 16
   assert whole["params_bytes"] == 4 * dpo["params"]
+
+
+def test_rl_iteration_quick_our_side():
+  """CI installs no TRL (benchmarks/requirements.txt): --no-trl still runs our GRPO iteration
+  on the long-tailed policy, with continuous batching when the sampler has `slots`, and checks
+  the rewired weights against transformers."""
+  out = _json_lines(run_python(
+      ["benchmarks/rl_iteration.py", "--quick", "--no-trl", "--n-layers", "1", "--slots", "4"],
+      timeout=600))
+  assert len(out) == 1
+  r = out[0]
+  assert r["benchmark"] == "rl_iteration" and r["rollouts"] == 32 and "trl" not in r
+  if importlib.util.find_spec("transformers") is not None:
+    assert r["hf_logits_max_abs_diff"] < 1e-4  # Same logits: the weights TRL would get.
+  variants = ["fixed_batch"] + (["slots"] if r["slots_supported"] else [])
+  assert r["ours"] == f"ours_{variants[-1]}"
+  for name in variants:
+    s = r[f"ours_{name}"]
+    assert len(s["rounds_s"]) == 1 and s["seconds"] > 0 and s["first_call_s"] > 0
+    lengths = s["lengths"]
+    # EOS is possible from column min_new_tokens on (length 9), and the hazard makes some rows
+    # end well before the 32-token limit.
+    assert 9 <= lengths["min"] and lengths["max"] <= 32 and lengths["median"] < 32
+    assert s["padding_fraction"] == pytest.approx(1 - s["generated_tokens"] / (32 * 32),
+                                                  abs=1e-3)
+    assert s["new_tokens_per_s"] == pytest.approx(s["generated_tokens"] / s["seconds"],
+                                                  rel=1e-2)
+
+
+def test_packed_pairs_quick_measures_every_layout_at_equal_loss(hh_rlhf_path):
+  out = _json_lines(run_python(["benchmarks/packed_pairs.py", "--quick", "--path",
+                                str(hh_rlhf_path)], timeout=600))
+  layouts = {"dpo_precomputed": ["padded", "padded_shared", "packed", "packed_shared"],
+             "dpo_model": ["padded", "padded_shared", "packed", "packed_shared"],
+             "reward": ["padded", "packed", "packed_shared"]}
+  rows = [r for r in out if not r.get("summary")]
+  assert [(r["step"], r["layout"]) for r in rows] == [(s, l) for s, ls in layouts.items()
+                                                      for l in ls]
+  for r in rows:
+    assert r["pairs"] == 8 and r["pairs_per_s"] > 0 and r["xla_flops_per_step"] > 0
+    assert 0 < r["real_token_fraction"] <= 1 and 0 < r["fraction_of_matmul_peak"]
+    if r["layout"].startswith("packed"):
+      assert r["packing"]["rows"] >= 1 and r["packing"]["length"] % 128 == 0
+      assert ("loss_tokens" in r["packing"]) == r["step"].startswith("dpo")
+    if r["layout"] != "padded":  # The same pairs, the same first-step loss.
+      assert r["first_loss_rel_diff_vs_padded"] < 1e-4
+      assert r["speedup_vs_padded"] > 0
+  summaries = [r for r in out if r.get("summary")]
+  assert [r["step"] for r in summaries] == list(layouts)
+  for r in summaries:
+    assert r["losses_equal"] and isinstance(r["target_met"], bool)
+
+
+def test_sampler_quick_long_tail_and_budget_sweep():
+  """Ours only (CI: transformers' side runs in the full benchmark): every variant samples the
+  long-tailed policy; the budget sweep gives every row the same response under both budgets."""
+  out = _json_lines(run_python(["benchmarks/sampler.py", "--quick", "--no-hf", "--n-layers",
+                                "1", "--slots", "4"], timeout=600))
+  assert len(out) == 1
+  r = out[0]
+  assert r["benchmark"] == "sampler" and r["rollouts"] == 32
+  assert sorted(r["long_tail"]) == ["fixed_batch", "slots_4"] and r["best_slots"] == "slots_4"
+  for s in r["long_tail"].values():
+    assert 9 <= s["lengths"]["min"] and s["lengths"]["max"] <= 48
+    assert s["new_tokens_per_s"] == pytest.approx(s["generated_tokens"] / s["seconds"],
+                                                  rel=1e-2)
+  sweep = r["budget_sweep"]["by_max_new_tokens"]
+  assert sorted(sweep) == ["32", "64"]
+  for row in sweep.values():  # 32 rows of exactly 16 tokens (EOS at column 15).
+    assert row["fixed_batch"]["generated_tokens"] == row["slots_4"]["generated_tokens"] == 512
