@@ -361,6 +361,14 @@ def _generate(module, params, prompt_ids, prompt_mask, key, cfg, rules) -> Sampl
   return out
 
 
+def _samples(state) -> Samples:
+  """The outputs held by either loop's carry (`_Loop` or `_Slots`)."""
+  return Samples(tokens=state.tokens, logprobs=state.logprobs,
+                 response_mask=state.response_mask,
+                 lengths=jnp.sum(state.response_mask, axis=1, dtype=jnp.int32),
+                 finished=state.finished)
+
+
 def _checked_prompts(module, prompt_ids, prompt_mask, cfg) -> tuple[jax.Array, jax.Array]:
   """int32 prompt ids / mask after the boundary checks, left-padded to a multiple of
   cfg.prefill_chunk when chunking."""
@@ -404,11 +412,7 @@ def _generate_fixed(module, params, ids, mask, key, cfg) -> Samples:
     logits, cache = module.apply({"params": params}, prev, live, cache=s.cache)
     return _emit(s.replace(cache=_shard_rows(cache)), logits[:, -1], key, cfg)
 
-  state = jax.lax.while_loop(cond, body, state)
-  return Samples(tokens=state.tokens, logprobs=state.logprobs,
-                 response_mask=state.response_mask,
-                 lengths=jnp.sum(state.response_mask, axis=1, dtype=jnp.int32),
-                 finished=state.finished)
+  return _samples(jax.lax.while_loop(cond, body, state))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,9 +426,9 @@ SMALLEST_WIDTH = 32  # New-token span of the narrowest attention-width bucket.
 class _Slots:
   """The continuous-batching carry: S decode slots, and the outputs of all B prompts.
 
-  prompt [S]: the prompt a slot decodes (B when it has none); column [S]: the response column
-  it samples next; token [S]: the last token it sampled (fed next); active [S]: it is mid
-  response. next_prompt []: the first prompt not yet given a slot.
+  prompt [S]: the prompt a slot decodes or last decoded (B before its first); column [S]: the
+  response column it samples next; token [S]: the last token it sampled (fed next); active
+  [S]: it is mid response. next_prompt []: the first prompt not yet given a slot.
   """
   prompt: jax.Array
   column: jax.Array
@@ -561,11 +565,7 @@ def _generate_continuous(module, params, ids, mask, key, cfg) -> Samples:
     return _refill(_decode(module, params, s, key, cfg, widths), prompt_cache, first_logits,
                    key, cfg, at_most=per_step)
 
-  state = jax.lax.while_loop(cond, body, state)
-  return Samples(tokens=state.tokens, logprobs=state.logprobs,
-                 response_mask=state.response_mask,
-                 lengths=jnp.sum(state.response_mask, axis=1, dtype=jnp.int32),
-                 finished=state.finished)
+  return _samples(jax.lax.while_loop(cond, body, state))
 
 
 def sequences(prompt_ids: jax.Array, prompt_mask: jax.Array,
