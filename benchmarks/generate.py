@@ -57,21 +57,32 @@ def hf_model(module, params):
   return model.eval()
 
 
-def hf_generate(model, prompt, new_tokens, cfg):
-  """A zero-argument call of transformers' generate on the same workload (warmed up)."""
+def hf_sampler(model, prompt, *, max_new_tokens, min_new_tokens, eos_id, pad_id):
+  """A zero-argument call of transformers' generate: plain sampling at temperature 1 (no
+  top-k / top-p), torch seeded once; returns the [B, P + new] output ids."""
   import torch
   import transformers
   gen = transformers.GenerationConfig(
-      do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
-      min_new_tokens=new_tokens, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
+      do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+      min_new_tokens=min_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id)
   ids = torch.from_numpy(np.asarray(prompt, np.int64))
   attn = torch.ones_like(ids)
   torch.manual_seed(0)
 
   def run():
     with torch.inference_mode():
-      out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen)
-    if out.shape != (ids.shape[0], ids.shape[1] + new_tokens):
+      return model.generate(input_ids=ids, attention_mask=attn, generation_config=gen)
+  return run
+
+
+def hf_generate(model, prompt, new_tokens, cfg):
+  """A zero-argument call of transformers' generate on the same workload (warmed up)."""
+  sample = hf_sampler(model, prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                      eos_id=cfg.eos_token_id, pad_id=cfg.pad_token_id)
+
+  def run():
+    out = sample()
+    if out.shape != (prompt.shape[0], prompt.shape[1] + new_tokens):
       raise RuntimeError(f"transformers returned {tuple(out.shape)}")
     return out
 

@@ -45,23 +45,16 @@ def timed(fn) -> tuple[float, object]:
   return time.perf_counter() - start, out
 
 
-def hf_sampler(model, prompts, scfg):
-  """A zero-argument call of transformers' generate with the settings of `scfg`; returns the
-  response lengths (up to and including the first EOS)."""
-  import torch
-  import transformers
-  gen = transformers.GenerationConfig(
-      do_sample=True, temperature=scfg.temperature, top_k=0, top_p=1.0,
-      max_new_tokens=scfg.max_new_tokens, min_new_tokens=scfg.min_new_tokens,
-      eos_token_id=scfg.eos_id, pad_token_id=scfg.pad_id)
-  ids = torch.from_numpy(np.asarray(prompts, np.int64))
-  attn = torch.ones_like(ids)
-  torch.manual_seed(0)
+def hf_lengths(model, prompts, scfg):
+  """A zero-argument call of transformers' generate with the budget and special ids of `scfg`
+  (temperature 1, unfiltered); returns the response lengths (up to and including the first
+  EOS)."""
+  sample = generate_bench.hf_sampler(model, prompts, max_new_tokens=scfg.max_new_tokens,
+                                     min_new_tokens=scfg.min_new_tokens, eos_id=scfg.eos_id,
+                                     pad_id=scfg.pad_id)
 
   def run():
-    with torch.inference_mode():
-      out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen)
-    resp = out[:, ids.shape[1]:].numpy()
+    resp = sample()[:, prompts.shape[1]:].numpy()
     is_eos = resp == scfg.eos_id
     return np.where(is_eos.any(1), is_eos.argmax(1) + 1, resp.shape[1])
   return run
@@ -135,7 +128,7 @@ def main():
     if hf_diff > 1e-3:
       raise RuntimeError(f"transformers' logits differ from ours by {hf_diff}: not the same "
                          "model, so no comparison")
-    runs["hf_generate"] = hf_sampler(model, prompts, base)
+    runs["hf_generate"] = hf_lengths(model, prompts, base)
     first_call["hf_generate"], _ = timed(runs["hf_generate"])
   seconds, tokens = {k: [] for k in runs}, {}
   for _ in range(args.rounds):
