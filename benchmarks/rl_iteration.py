@@ -2,6 +2,7 @@
 
   python benchmarks/rl_iteration.py                     # small, 16 prompts x 8, up to 256 tokens
   python benchmarks/rl_iteration.py --slots 32          # ours with continuous batching as well
+  python benchmarks/rl_iteration.py --slots 16 --variants slots,slots_packed   # a subset
   python benchmarks/rl_iteration.py --quick --no-trl    # tiny shapes, our side only (a smoke run)
 
 A BENCHMARK, NOT A TEST: it asserts nothing about speed (issue 17's target is >= 3x TRL).
@@ -27,7 +28,11 @@ p90 ~155, ~4% of the rows reaching 256); see its docstring.
          full-forward old log-probs, reference log-probs, advantages, the jitted update); the
          reward is the host-side "gold" callable. `--slots N` sets SamplingConfig.slots
          (continuous batching) when this rlhf_jax has that field, and falls back to the fixed
-         batch otherwise; the fixed-batch sampler is always measured too ("ours_fixed_batch").
+         batch otherwise; the fixed-batch sampler is measured too ("ours_fixed_batch"), and,
+         when config.ppo.packing exists, continuous batching with the scoring passes and the
+         update on packed rollouts ("ours_slots_packed", the headline; data.pack_rollouts:
+         no padding columns, the LM head only at response tokens). --variants times a
+         subset.
   TRL    trl.GRPOTrainer (transformers generate, no vLLM), float32 on the CPU, per_device_
          train_batch_size = --micro-batch, gradient_accumulation_steps = 128 / micro-batch, so
          one generation batch of 128 is one optimizer step; min_new_tokens through
@@ -48,7 +53,8 @@ micro-batches' token means (the same cost; with --micro-batch 128 the same loss)
 Reported per side: median wall seconds per iteration, generated tokens (sum of response
 lengths, EOS included), new tokens/s (generated tokens / iteration seconds), the padding
 fraction of the response columns of the update batch (ours: fixed max_new_tokens columns;
-TRL: padded to the longest completion) and the length distribution; speedup = TRL's median
+TRL: padded to the longest completion; ours packed also reports the real-token fraction of the
+packed rows it actually ran, packed_real_token_fraction) and the length distribution; speedup = TRL's median
 seconds / ours. Compile and first-call times are reported apart. Prints one JSON line.
 """
 import argparse
@@ -241,26 +247,44 @@ def our_side(args, module, params, prompts):
   has_slots = "slots" in {f.name for f in dataclasses.fields(sampling.SamplingConfig)}
   fixed = (dataclasses.replace(trainer.sampling_cfg, slots=None) if has_slots
            else trainer.sampling_cfg)
-  variants = {"fixed_batch": fixed}
+  has_packing = "packing" in config.ppo
+  variants = {"fixed_batch": (fixed, False)}
   if args.slots and has_slots:
-    variants["slots"] = dataclasses.replace(fixed, slots=args.slots)
+    variants["slots"] = (dataclasses.replace(fixed, slots=args.slots), False)
+    if has_packing:
+      variants["slots_packed"] = (variants["slots"][0], True)
 
-  def make_run(scfg):
+  def make_run(variant):
+    scfg, packed = variant
     def run():
       trainer.sampling_cfg = scfg  # A static argument of generate: one program per variant.
+      if has_packing:  # Read by host_iteration at each call.
+        trainer.cfg.packing.enabled = packed
       with parallel.mesh_context(mesh, config.sharding):
         holder["state"], out = trainer.host_iteration(holder["state"], ids, mask, gold)
       jax.block_until_ready(holder["state"])
-      return np.asarray(out["samples"].lengths), int(out["batch"]["tokens"].shape[1])
+      fill = None
+      if packed:  # Real tokens per token slot of the update's packed rows (a few ms of numpy).
+        rows = jax.device_get({k: out["batch"][k] for k in (
+            "prompt_ids", "prompt_mask", "tokens", "response_mask")})
+        mb = trainer.pack(rows, config.ppo.optim.accum_steps, last_columns=False)
+        fill = float(np.sum(mb["mask"]) / np.size(mb["mask"]))
+      return (np.asarray(out["samples"].lengths), int(out["batch"]["tokens"].shape[1]), fill)
     return run
 
   info = {"slots_requested": args.slots, "slots_supported": has_slots,
+          "packing_supported": has_packing,
           "config_ppo": {k: config.ppo[k] for k in (
               "algorithm", "group_size", "prompts_per_iter", "minibatch_size", "epochs",
               "kl_coef", "loss_aggregation", "grpo_std_normalize", "clip_eps",
               "missing_eos_penalty", "mask_truncated")},
           "accum_steps": config.ppo.optim.accum_steps}
-  return {name: make_run(scfg) for name, scfg in variants.items()}, info
+  wanted = args.variants.split(",") if args.variants else list(variants)
+  unknown = sorted(set(wanted) - set(variants))
+  if unknown:
+    raise SystemExit(f"--variants: {unknown} not available (have {sorted(variants)}; "
+                     "slots and slots_packed need --slots)")
+  return {name: make_run(variants[name]) for name in wanted}, info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,8 +379,9 @@ def hf_parity(module, params, ids):
 # Measurement
 # ---------------------------------------------------------------------------------------------
 
-def summary(seconds, lengths, columns, max_new_tokens, first_call_s=None) -> dict:
-  """Per-side figures from per-round seconds, generated lengths and update-batch columns."""
+def summary(seconds, lengths, columns, max_new_tokens, first_call_s=None, fills=None) -> dict:
+  """Per-side figures from per-round seconds, generated lengths and update-batch columns
+  (and, for packed updates, the real-token fraction of their packed rows)."""
   tokens = [int(np.sum(x)) for x in lengths]
   rows = len(lengths[0])
   pad = [1.0 - t / (rows * c) for t, c in zip(tokens, columns)]
@@ -371,6 +396,8 @@ def summary(seconds, lengths, columns, max_new_tokens, first_call_s=None) -> dic
                                            for x in lengths))}
   if first_call_s is not None:
     out["first_call_s"] = round(first_call_s, 2)
+  if fills and fills[0] is not None:
+    out["packed_real_token_fraction"] = round(statistics.mean(fills), 3)
   return out
 
 
@@ -395,6 +422,9 @@ def parse_args():
   parser.add_argument("--slots", type=int, default=0,
                       help="SamplingConfig.slots for ours (continuous batching), if supported")
   parser.add_argument("--no-trl", action="store_true", help="our side only")
+  parser.add_argument("--variants", default="",
+                      help="comma-separated subset of our variants to time (fixed_batch, "
+                           "slots, slots_packed); default all that --slots allows")
   parser.add_argument("--trl-continuous-batching", action="store_true",
                       help="TRL's use_transformers_continuous_batching (off by default, as TRL)")
   parser.add_argument("--torch-threads", type=int, default=2)
@@ -455,15 +485,15 @@ def main():
     start = time.perf_counter()
     run()
     first[name] = time.perf_counter() - start
-  timed = {name: ([], [], []) for name in runs}
+  timed = {name: ([], [], [], []) for name in runs}
 
   def ours_round(step=None):
     if step is not None and step > args.rounds:
       return
     for name, run in runs.items():
       start = time.perf_counter()
-      lengths, columns = run()
-      for acc, x in zip(timed[name], (time.perf_counter() - start, lengths, columns)):
+      lengths, columns, fill = run()
+      for acc, x in zip(timed[name], (time.perf_counter() - start, lengths, columns, fill)):
         acc.append(x)
 
   if args.no_trl:
@@ -490,10 +520,11 @@ def main():
                           "torch_version": torch.__version__})
 
   for name in runs:
-    seconds, lengths, columns = timed[name]
+    seconds, lengths, columns, fills = timed[name]
     result[f"ours_{name}"] = summary(seconds, lengths, columns, args.max_new_tokens,
-                                     first_call_s=first[name])
-  headline = "ours_slots" if "ours_slots" in result else "ours_fixed_batch"
+                                     first_call_s=first[name], fills=fills)
+  headline = next(f"ours_{name}" for name in ("slots_packed", "slots", "fixed_batch")
+                  if f"ours_{name}" in result)
   result["ours"] = headline
   if "trl" in result:
     for name in runs:

@@ -94,18 +94,21 @@ def test_gpu_script_tiny_cpu_mode():
 
 def test_rl_iteration_quick_our_side():
   """CI installs no TRL (benchmarks/requirements.txt): --no-trl still runs our GRPO iteration
-  on the long-tailed policy, with continuous batching when the sampler has `slots`, and checks
-  the rewired weights against transformers."""
+  on the long-tailed policy, as a fixed batch with padded updates and with continuous batching
+  and packed updates, and checks the rewired weights against transformers."""
+  variants = ["fixed_batch", "slots_packed"]
   out = _json_lines(run_python(
-      ["benchmarks/rl_iteration.py", "--quick", "--no-trl", "--n-layers", "1", "--slots", "4"],
-      timeout=600))
+      ["benchmarks/rl_iteration.py", "--quick", "--no-trl", "--n-layers", "1", "--slots", "4",
+       "--variants", ",".join(variants)], timeout=600))
   assert len(out) == 1
   r = out[0]
   assert r["benchmark"] == "rl_iteration" and r["rollouts"] == 32 and "trl" not in r
+  assert r["slots_supported"] and r["packing_supported"]
   if importlib.util.find_spec("transformers") is not None:
     assert r["hf_logits_max_abs_diff"] < 1e-4  # Same logits: the weights TRL would get.
-  variants = ["fixed_batch"] + (["slots"] if r["slots_supported"] else [])
-  assert r["ours"] == f"ours_{variants[-1]}"
+  assert r["ours"] == "ours_slots_packed" and "ours_slots" not in r
+  assert 0 < r["ours_slots_packed"]["packed_real_token_fraction"] <= 1
+  assert "packed_real_token_fraction" not in r["ours_fixed_batch"]
   for name in variants:
     s = r[f"ours_{name}"]
     assert len(s["rounds_s"]) == 1 and s["seconds"] > 0 and s["first_call_s"] > 0

@@ -1,6 +1,7 @@
 """Mesh presets tested for equality (in a subprocess with 8 simulated CPU devices): the loss
 curves of 5 reward-model, DPO and PPO steps on one device and on meshes 2x4, 8x1 and 4x2 under
-the data-parallel (replicated), fsdp and fsdp_tensor presets agree within 1e-5 relative; and
+the data-parallel (replicated), fsdp and fsdp_tensor presets agree within 1e-5 relative (the
+PPO steps on packed rollouts too, on one device and two meshes, equal to the padded ones); and
 the compiled FSDP step's HLO gathers params and reduces gradients to shards."""
 import json
 
@@ -18,7 +19,9 @@ def report():
 
 def test_loss_curves_agree_on_every_mesh_and_preset(report):
   ref = {c["kind"]: np.asarray(c["losses"]) for c in report["cases"] if c["preset"] == "single"}
-  assert sorted(ref) == ["dpo", "ppo", "rm"]
+  assert sorted(ref) == ["dpo", "ppo", "ppo_packed", "rm"]
+  # Packed rollouts give the padded PPO steps' losses.
+  np.testing.assert_allclose(ref["ppo_packed"], ref["ppo"], rtol=1e-5)
   seen = set()
   for case in report["cases"]:
     losses = np.asarray(case["losses"])
@@ -26,7 +29,7 @@ def test_loss_curves_agree_on_every_mesh_and_preset(report):
     rel = np.max(np.abs(losses - ref[case["kind"]]) / np.abs(ref[case["kind"]]))
     assert rel <= 1e-5, (case, rel)
     seen.add((case["kind"], case["preset"], tuple(case["mesh"])))
-  assert len(seen) == 3 * (1 + 3 * 3)
+  assert len(seen) == 3 * (1 + 3 * 3) + 3
   for kind, curve in ref.items():  # The steps really train: the curve is not flat.
     assert np.ptp(curve) > 1e-3, (kind, curve)
 

@@ -27,10 +27,12 @@ def test_ppo_on_gold_reward_beats_sft(tmp_path):
 
 @pytest.mark.parametrize("algo, slots", [("grpo", 0), ("rloo", 8)])
 def test_critic_free_methods_run(tmp_path, algo, slots):
-  """RLOO samples its rollouts with continuous batching (8 slots)."""
+  """RLOO samples its rollouts with continuous batching (8 slots) and scores and updates on
+  packed rollouts."""
   run_python(["-m", "rlhf_jax.main", f"--config=experiments/ppo/review_world.py:runlocal,"
               f"algo={algo},reward=gold", f"--workdir={tmp_path}", "--config.ppo.iterations=2",
-              "--config.sft.steps=20", "--config.eval.prompts=8", f"--config.ppo.slots={slots}"])
+              "--config.sft.steps=20", "--config.eval.prompts=8", f"--config.ppo.slots={slots}",
+              f"--config.ppo.packing.enabled={bool(slots)}"])
   results = json.loads((tmp_path / "results.json").read_text())["evaluation"]
   assert results[algo]["samples"] == 16
   logged = [json.loads(l) for l in (tmp_path / algo / "metrics.jsonl").read_text().splitlines()]

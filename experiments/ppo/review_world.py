@@ -15,15 +15,19 @@ leave-one-out baseline, sequence KL in the reward. Matched samples per iteration
 4 epochs, clip 0.2, value clip 0.2, vf_coef 0.1, KL 0.2 adaptive to target 6, 256 new tokens),
 meant for a pod. `--config.ppo.fused=True` compiles rollout, scoring and every update of an
 iteration into one program (reward=model only; see PPOTrainer.fused_iteration, vmappable over
-stacked states for one-compile sweeps).
+stacked states for one-compile sweeps). With algo=grpo, `variant=dr_grpo` or `variant=dapo`
+switches to Dr. GRPO (Liu et al. 2025) or DAPO (Yu et al. 2025; add e.g.
+`--config.ppo.oversample=2` for its dynamic sampling), whose keys train/grpo_variants.py lists:
+
+  python -m rlhf_jax.main --config=experiments/ppo/review_world.py:algo=grpo,variant=dapo ...
 """
 from rlhf_jax import configs
-from rlhf_jax.train import pipeline, rl
+from rlhf_jax.train import grpo_variants, pipeline, rl
 
 
 def get_config(arg=None):
   arg = configs.parse_arg(arg, algo="ppo", reward="model", runlocal=False, size="tiny",
-                          preset="", value="separate")
+                          preset="", value="separate", variant="")
   c = pipeline.review_world_config(size=arg.size, runlocal=arg.runlocal)
   c.stages = (("sft", "pairs", "reward", "ppo") if arg.reward == "model" else ("sft", "ppo"))
   if arg.preset == "seed":
@@ -42,6 +46,11 @@ def get_config(arg=None):
     c.ppo.prompts_per_iter //= 4
     c.ppo.epochs = 1
   if arg.algo == "grpo":
-    c.ppo.kl_in_reward, c.ppo.kl_estimator, c.ppo.kl_controller = False, "k3", "fixed"
-    c.ppo.loss_aggregation = "grpo"
+    c.ppo.kl_estimator, c.ppo.kl_controller = "k3", "fixed"
+    # The recipe's own keys, set here so that they replace the review world's (e.g. DAPO's
+    # kl_coef = 0); the stage resolves the same variant again, as a check.
+    c.ppo.grpo_variant = arg.variant or "grpo"
+    c.ppo.update(grpo_variants.variant_overrides(c.ppo.grpo_variant, c.ppo))
+  elif arg.variant:
+    raise ValueError(f"variant={arg.variant!r} is a GRPO recipe: it needs algo=grpo")
   return configs.lock(c)

@@ -1,6 +1,7 @@
 """Data: example types, readers (JSON Lines, JSON, Parquet), chat templates, tokenizer files,
 tokenisation, padded/packed batches (and packed pair rows for DPO, KTO and reward models), a
-resumable iterator, the review world (the embedded gold-reward task) and, in
+resumable iterator, the embedded gold-reward tasks (the review world; the arithmetic world, whose
+reward is verifiable) and, in
 `rlhf_jax.data.tfds_hh`, a TFDS builder for hh-rlhf (imported on demand: it pulls in
 tensorflow_datasets).
 
@@ -15,21 +16,24 @@ tensorflow_datasets).
                                                       response_len=256, pad_id=cfg.pad_id))
     it = data.DataIterator(tokenized, batcher, seed=0)   # save it.position; resume with it
 """
+from rlhf_jax.data.arithmetic_world import ArithmeticWorld
 from rlhf_jax.data.batching import (PackedBatch, PackedBatcher, PackedPairRows,
                                     PackedPreferenceBatch, PaddedBatcher, PreferenceBatch,
                                     SequenceBatch, UnpairedBatch, example_sequences,
-                                    pack_pair_rows, pack_preferences, pack_sequences, pack_sft,
-                                    pad_preferences, pad_sequences, pad_sft, pad_unpaired,
-                                    pair_footprint, stack_pairs)
+                                    pack_pair_rows, pack_preferences, pack_rollouts,
+                                    pack_sequences, pack_sft, pad_preferences, pad_sequences,
+                                    pad_sft, pad_unpaired, pair_footprint, stack_pairs)
 from rlhf_jax.data.chat import (ChatFormat, ChatRenderer, Message, hh_messages, split_hh_pair,
                                 split_hh_transcript)
 from rlhf_jax.data.chat_template import ChatTemplate
 from rlhf_jax.data.errors import DataError, SkipReport
-from rlhf_jax.data.examples import (PreferenceExample, SFTExample, UnpairedExample,
-                                    sft_from_preferences, unpaired_from_preferences)
+from rlhf_jax.data.examples import (PreferenceExample, PromptAnswer, SFTExample,
+                                    UnpairedExample, sft_from_preferences,
+                                    unpaired_from_preferences)
 from rlhf_jax.data.iterator import DataIterator
 from rlhf_jax.data.readers import (ReadResult, check_readable, read_preferences,
-                                   read_preferences_with_stats, read_prompts,
+                                   read_preferences_with_stats, read_prompt_answers,
+                                   read_prompt_answers_with_stats, read_prompts,
                                    read_prompts_with_stats, read_sft, read_sft_with_stats,
                                    read_unpaired, read_unpaired_with_stats)
 from rlhf_jax.data.review_world import GoldScores, LabelResult, ReviewWorld, WorldConfig

@@ -24,6 +24,12 @@ unshared ([prompt|first], [prompt|second] as two segments) or prefix-shared ([pr
 second], both responses with the prompt as parent segment and positions continuing it). Every
 index in them is row-local (a pair's slot within its row, a column of its row), so the leading
 row axis can be split by micro-batching and data sharding like any other batch axis.
+
+Packed rollouts (`pack_rollouts`, for the RL stages): sampled rollouts (real prompt tokens and
+the response, no padding) placed whole into rows, with one entry per response token saying
+which column predicts it and where its log-prob goes in the [B, N] response layout, so the
+scoring passes and the PPO/GRPO/RLOO losses run on the packed rows and read back exactly the
+arrays the padded layout gives.
 """
 import dataclasses
 from typing import Callable, Sequence
@@ -369,6 +375,112 @@ def pack_pair_rows(triples: Sequence[Triple], *, rows: int, length: int,
   return PackedPairRows(ids, (seg > 0).astype(np.int32), seg, pos,
                         parent if shared_prefix else None, predictor, targets, target_slot,
                         last_column, pair_index)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed rollouts (the RL stages' scoring passes and updates)
+# ---------------------------------------------------------------------------------------------
+
+
+def _bucket(n: int) -> int:
+  """n rounded up to three significant bits (1..8 exactly, then 10, 12, 14, 16, 20, 24, 28,
+  32, 40, ...): packed shapes vary from batch to batch, and this ladder bounds how many
+  distinct shapes, and so compilations, a run meets, at most 1/8 of the rows wasted."""
+  step = 1 << max(n.bit_length() - 3, 0)
+  return max(-(-n // step) * step, 1)
+
+
+def _first_fit_decreasing(sizes: Sequence[int], length: int) -> list[tuple[int, int]]:
+  """(row, offset) per item: longest first, each into the first row with room (new rows as
+  needed). Deterministic, so every process packs the same batch the same way."""
+  fill: list[int] = []
+  placed = [(0, 0)] * len(sizes)
+  for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+    row = next((r for r, f in enumerate(fill) if f + sizes[i] <= length), len(fill))
+    if row == len(fill):
+      fill.append(0)
+    placed[i] = (row, fill[row])
+    fill[row] += sizes[i]
+  return placed
+
+
+def pack_rollouts(prompt_ids: np.ndarray, prompt_mask: np.ndarray, tokens: np.ndarray,
+                  response_mask: np.ndarray, *, groups: int, length: int, pad_id: int,
+                  splits: int = 1) -> dict[str, np.ndarray]:
+  """Rollouts (prompt [B, P] with its mask, padded anywhere; response [B, N] with its mask, a
+  prefix of each row) packed whole, without their padding, into `groups` x r rows of `length`.
+
+  Rollouts [g·B/G, (g+1)·B/G) fill rows [g·r, (g+1)·r) (first fit, longest first), so the row
+  axis splits into G equal parts exactly as the rollout axis does: micro-batches and batch
+  devices each get the rows of their own rollouts. r (rows per group) and K (sequences per
+  row) are rounded up to a ladder (`_bucket`), C (loss entries per row) to eighths of the row,
+  to bound recompiles.
+  Indices into the response layout are relative to the rollout's split: `splits` (dividing
+  `groups`) consecutive equal parts, e.g. the micro-batches, each of which scatters its own
+  rows' entries into its own rollouts.
+
+  Returns int32 arrays:
+    ids, mask, segment_ids, positions [G·r, length]: the rows (segments 1.. per row, positions
+      from 0 in each rollout, 0 = padding);
+    predictor, targets, source [G·r, C]: one entry per response token: the column whose output
+      predicts it, the token, and where it goes in its split's [S, N] response layout
+      (S = B/splits), (b mod S)·N + j for token j of rollout b (S·N = past the end, for
+      unused entries);
+    last_column, last_source [G·r, K]: each rollout's last column, where a reward model reads
+      its score, and b mod S (S for unused entries).
+  """
+  b, n = tokens.shape
+  if b % groups or groups % splits:
+    raise ValueError(f"{b} rollouts do not split into {groups} equal groups in {splits} "
+                     "equal splits")
+  per_group, per_split = b // groups, b // splits
+  prompts = [row[m > 0] for row, m in zip(prompt_ids, prompt_mask)]
+  lengths = np.asarray(response_mask, np.int64).sum(1)
+  sizes = [len(p) + int(k) for p, k in zip(prompts, lengths)]
+  if max(sizes, default=0) > length:
+    raise ValueError(f"a rollout of {max(sizes)} tokens cannot fit a packed row of {length}")
+  placements = [_first_fit_decreasing(sizes[g * per_group:(g + 1) * per_group], length)
+                for g in range(groups)]
+  r = _bucket(max(max(row for row, _ in p) + 1 for p in placements))
+  row_of = lambda g, i: g * r + placements[g][i][0]
+  loss_per_row = np.zeros(groups * r, np.int64)
+  seqs_per_row = np.zeros(groups * r, np.int64)
+  for i in range(b):
+    row = row_of(i // per_group, i % per_group)
+    loss_per_row[row] += lengths[i]
+    seqs_per_row[row] += 1
+  # Loss entries per row in eighths of the row: the fullest row sets it, and it barely moves.
+  eighth = -(-length // 8)
+  c = min(-(-max(int(loss_per_row.max()), 1) // eighth) * eighth, length)
+  k = _bucket(int(seqs_per_row.max()))
+  rows = groups * r
+  out = {name: np.zeros((rows, length), np.int32)
+         for name in ("ids", "mask", "segment_ids", "positions")}
+  out["ids"][:] = pad_id
+  out.update(predictor=np.zeros((rows, c), np.int32), targets=np.full((rows, c), pad_id, np.int32),
+             source=np.full((rows, c), per_split * n, np.int32),
+             last_column=np.zeros((rows, k), np.int32),
+             last_source=np.full((rows, k), per_split, np.int32))
+  entries, seqs = np.zeros(rows, np.int64), np.zeros(rows, np.int64)
+  for i in range(b):
+    g, local = divmod(i, per_group)
+    row, off = row_of(g, local), placements[g][local][1]
+    p, m = prompts[i], int(lengths[i])
+    cols = slice(off, off + len(p) + m)
+    out["ids"][row, cols] = np.concatenate([p, tokens[i, :m]])
+    out["mask"][row, cols] = 1
+    seqs[row] += 1
+    out["segment_ids"][row, cols] = seqs[row]
+    out["positions"][row, cols] = np.arange(len(p) + m)
+    e = slice(entries[row], entries[row] + m)
+    # Response token j sits at column off + len(p) + j and is predicted one column before.
+    out["predictor"][row, e] = off + len(p) - 1 + np.arange(m)
+    out["targets"][row, e] = tokens[i, :m]
+    out["source"][row, e] = (i % per_split) * n + np.arange(m)
+    entries[row] += m
+    out["last_column"][row, seqs[row] - 1] = off + len(p) + m - 1
+    out["last_source"][row, seqs[row] - 1] = i % per_split
+  return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,6 +31,15 @@ class PreferenceExample:
 
 
 @dataclasses.dataclass(frozen=True)
+class PromptAnswer:
+  """An RL prompt with its reference answer, for graders that verify responses against one
+  (rlhf_jax.graders): the answer is never shown to the policy."""
+  prompt: str
+  answer: str
+  source: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class UnpairedExample:
   """A prompt, one completion and a binary desirability label (KTO-style data)."""
   prompt: str

@@ -18,7 +18,9 @@ Layouts understood (`format=`):
   unpaired     {"prompt": str|[messages], "completion": str|[msg], "label"|"desirable": bool}
   prompts      "prompt": {"prompt": str|[messages]}; "messages": {"messages": [...]} ending
                before the response; "hh": {"chosen": transcript, "rejected": transcript};
-               "text": a .txt line
+               "text": a .txt line; with reference answers (`read_prompt_answers`): any of
+               these object layouts plus an answer field ("answer" by default: a string or a
+               number)
 Any preference layout may carry a numeric "margin". `format="auto"` detects the layout from
 the first well-formed record and then holds every record to it, so one malformed record gets
 an error about its own problem rather than a guess at a different layout.
@@ -47,7 +49,7 @@ from tqdm import auto as tqdm
 
 from rlhf_jax.data import chat as chat_lib
 from rlhf_jax.data.errors import DataError, SkipReport, SkipTally
-from rlhf_jax.data.examples import PreferenceExample, SFTExample, UnpairedExample
+from rlhf_jax.data.examples import PreferenceExample, PromptAnswer, SFTExample, UnpairedExample
 
 PREFERENCE_FORMATS = ("auto", "pairwise", "chat", "hh")
 SFT_FORMATS = ("auto", "prompt_response", "chat", "hh")
@@ -732,6 +734,66 @@ def read_prompts(path, *, format: str = "auto", on_error: str = "raise",
                                  chat_format=chat_format).examples
 
 
+def _answer(obj: dict, field: str, where: str) -> str:
+  """The reference answer of a prompt record as text (numbers as written by Python: 72, 0.5)."""
+  if field not in obj:
+    raise DataError(where, f"missing field {field!r}: the prompt's reference answer, which the "
+                    "grader compares responses with", "missing_field")
+  value = obj[field]
+  if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+    raise DataError(where, f"field {field!r} must be a string or a number, got "
+                    f"{type(value).__name__}", "wrong_type")
+  if isinstance(value, float) and not math.isfinite(value):
+    raise DataError(where, f"field {field!r} is {value}, not a finite number", "wrong_type")
+  text = str(value).strip()
+  if not text:
+    raise DataError(where, f"field {field!r} is empty", "empty")
+  return text
+
+
+def _prompt_answers_kind(answer_field: str) -> _Kind:
+  """Prompt records (any object layout of `read_prompts`) with a reference answer each."""
+  if not isinstance(answer_field, str) or not answer_field:
+    raise ValueError(f"answer_field={answer_field!r}: the name of the field holding each "
+                     "prompt's reference answer (e.g. 'answer')")
+
+  def parse(obj: Any, layout: str, where: str, fmt: chat_lib.ChatRenderer) -> PromptAnswer:
+    return PromptAnswer(_parse_prompt(obj, layout, where, fmt), _answer(obj, answer_field, where),
+                        where)
+  return _Kind("prompts with answers", PROMPT_FORMATS, _detect_prompt_layout, parse)
+
+
+def _reject_txt(path) -> None:
+  if os.fspath(path).lower().endswith((".txt", ".txt.gz")):
+    raise DataError(os.fspath(path), "a .txt prompt file holds one prompt per line and no "
+                    "reference answers; give JSON Lines, JSON or Parquet records such as "
+                    '{"prompt": "...", "answer": "72"}', "unsupported_format")
+
+
+def read_prompt_answers_with_stats(path, *, answer_field: str = "answer", format: str = "auto",
+                                   on_error: str = "raise",
+                                   chat_format: chat_lib.ChatRenderer = _HH_DEFAULT
+                                   ) -> ReadResult[PromptAnswer]:
+  """Prompts with reference answers, the layout used and a skip report (see
+  `read_prompt_answers`)."""
+  _reject_txt(path)
+  return _read(path, _prompt_answers_kind(answer_field), format, on_error, chat_format)
+
+
+def read_prompt_answers(path, *, answer_field: str = "answer", format: str = "auto",
+                        on_error: str = "raise",
+                        chat_format: chat_lib.ChatRenderer = _HH_DEFAULT) -> list[PromptAnswer]:
+  """Prompts for online RL with a verifiable reward: each record is a prompt in any object
+  layout `read_prompts` reads ("prompt", "messages", hh transcripts), rendered the same way,
+  plus its reference answer in `answer_field` (a string, or a number kept as written), e.g.
+  {"prompt": "Natalia sold clips to 48 of her friends ...", "answer": "72"} or GSM8K's own
+  solution text ending in "#### 72". A record without the field, or with an empty or
+  non-scalar one, is an error naming `path:line` (or counted under on_error="skip"). A .txt
+  file cannot carry answers and is refused."""
+  return read_prompt_answers_with_stats(path, answer_field=answer_field, format=format,
+                                        on_error=on_error, chat_format=chat_format).examples
+
+
 # ---------------------------------------------------------------------------------------------
 # Preflight
 # ---------------------------------------------------------------------------------------------
@@ -745,7 +807,7 @@ _KIND_OF_READER = {read_preferences: _PREFERENCES, read_preferences_with_stats: 
 def check_readable(path, reader: Callable = read_preferences, *, what: str = "",
                    format: str = "auto", on_error: str = "skip",
                    chat_format: chat_lib.ChatRenderer = _HH_DEFAULT, limit: int = 64,
-                   min_examples: int = 1) -> str:
+                   min_examples: int = 1, answer_field: str = "answer") -> str:
   """Fails fast, before any model is built, when `reader` could not get examples from `path`.
 
   Reads until `limit` examples parse (rendered with `chat_format`, so a template that rejects
@@ -753,17 +815,22 @@ def check_readable(path, reader: Callable = read_preferences, *, what: str = "",
   file or directory, an unsupported file type, a broken file, no examples, fewer than
   `min_examples` (e.g. 2 when a held-out part is to be split off); with on_error="raise" also
   the first bad record), with `what` (e.g. "config.data.pairs") added so the message names
-  the setting to fix. Skips are not printed: the real read reports them.
+  the setting to fix. Skips are not printed: the real read reports them. For
+  `read_prompt_answers`, `answer_field` names the reference-answer field every record needs.
   """
   if min_examples > limit:
     raise ValueError(f"min_examples={min_examples} > limit={limit}")
   kind = _KIND_OF_READER.get(reader)
+  if reader in (read_prompt_answers, read_prompt_answers_with_stats):
+    kind = _prompt_answers_kind(answer_field)
   if kind is None:
     raise ValueError(f"reader={reader!r}: expected one of the rlhf_jax.data read_* functions")
   if kind is _PROMPTS:
     kind, format = _prompt_kind(path, format)
   suffix = f" ({what})" if what else ""
   try:
+    if kind.name == "prompts with answers":
+      _reject_txt(path)
     result = _read(path, kind, format, on_error, chat_format, limit=limit, echo=False)
     if len(result.examples) < min_examples:
       raise DataError(os.fspath(path), f"{len(result.examples)} {kind.name} example(s), fewer "

@@ -12,5 +12,6 @@ from rlhf_jax.objectives.ppo import (KL_CONTROLLERS, KL_ESTIMATORS, LOSS_AGGREGA
                                      masked_mean, masked_var, masked_whiten,
                                      multiplicative_kl_coef, next_kl_coef, policy_loss,
                                      shape_rewards, update_kl_coef, value_loss)
-from rlhf_jax.objectives.grpo import (group_advantages, mask_truncated, rloo_advantages,
-                                      truncation_mask)
+from rlhf_jax.objectives.grpo import (GroupSelection, group_advantages, informative_groups,
+                                      mask_truncated, overlong_penalty, rloo_advantages,
+                                      select_informative_groups, truncation_mask)

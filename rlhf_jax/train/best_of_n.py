@@ -42,17 +42,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
   stage_lib.check_positive(config, "best_of_n.n", "best_of_n.max_new_tokens",
                            "best_of_n.batch_size")
   stage_lib.check_at_least(config, 0, "best_of_n.prompts")
-  if config.task.kind == "review_world" and config.best_of_n.prompts < 1:
-    raise ValueError("config.best_of_n.prompts=0 ('all') needs a prompt file; the review world "
+  if config.task.kind in task_lib.WORLD_KINDS and config.best_of_n.prompts < 1:
+    raise ValueError("config.best_of_n.prompts=0 ('all') needs a prompt file; an embedded world "
                      "draws prompts, so give how many (>= 1)")
   stage_lib.check_choice(config, "best_of_n.reward_source", ("model", "gold"))
   stage_lib.check_choice(config, "best_of_n.split", ("train", "eval"))
   if not config.best_of_n.temperature > 0:
     raise ValueError(f"config.best_of_n.temperature={config.best_of_n.temperature}: must be "
                      "> 0 (n greedy samples would all be the same)")
-  if config.best_of_n.reward_source == "gold" and config.task.kind != "review_world":
-    raise ValueError("config.best_of_n.reward_source='gold' needs the review world's gold "
-                     "reward (config.task.kind='review_world')")
+  if config.best_of_n.reward_source == "gold" and config.task.kind not in task_lib.WORLD_KINDS:
+    raise ValueError("config.best_of_n.reward_source='gold' needs an embedded world's gold "
+                     f"reward (config.task.kind in {task_lib.WORLD_KINDS})")
 
 
 def _scores(config, task, mesh, prompts, tokens, reward):

@@ -26,11 +26,13 @@ import numpy as np
 
 from rlhf_jax import data, models, objectives, parallel, rng, sampling
 from rlhf_jax import eval as eval_lib
+from rlhf_jax.train import grading, grpo_variants
 from rlhf_jax.train import optim, state as state_lib, step as step_lib, task as task_lib
 from rlhf_jax.train.scoring import ensemble_rewards
 
 ALGORITHMS = ("ppo", "grpo", "rloo")
-REWARD_SOURCES = ("model", "gold")
+REWARD_SOURCES = ("model", "gold", "grader")
+HOST_REWARDS = ("gold", "grader")  # Computed on the host from the samples, not in the jit.
 CRITICS = ("separate", "head")
 ROLLOUT_STREAM = 0x5EED  # fold_in tag of the rollout's random stream.
 
@@ -64,43 +66,83 @@ def check_critic(critic, policy_module, value_module) -> None:
                      "(config.ppo.value / algorithm)")
 
 
-def forward(policy_module, value_module, critic, params, ids, mask, *, logits: bool = True):
+def forward(policy_module, value_module, critic, params, ids, mask, *, logits: bool = True,
+            **layout):
   """(logits or None, values or None) [B, T(, V)] of the trainable tree {"policy", "value"?}
-  for the `critic` kind; with logits=False only the values are computed (no LM head pass)."""
+  for the `critic` kind; with logits=False only the values are computed (no LM head pass).
+  `layout` (packed rows: segment_ids, positions, head_columns) goes to every model, which
+  then gives [R, C(, V)] at the head columns."""
   if critic == "head":
-    out, values = policy_module.apply({"params": params["policy"]}, ids, mask)
+    out, values = policy_module.apply({"params": params["policy"]}, ids, mask, **layout)
     return (out if logits else None), values
   policy = models.build_model(policy_module.cfg, "policy")
-  out = policy.apply({"params": params["policy"]}, ids, mask) if logits else None
-  values = (value_module.apply({"params": params["value"]}, ids, mask)
+  out = policy.apply({"params": params["policy"]}, ids, mask, **layout) if logits else None
+  values = (value_module.apply({"params": params["value"]}, ids, mask, **layout)
             if critic == "separate" else None)
   return out, values
 
 
+def packed_layout(packed) -> dict:
+  """The model arguments of packed rollout rows (data.pack_rollouts): segments, positions,
+  and the LM/value heads applied only at the columns that predict response tokens."""
+  return {"segment_ids": packed["segment_ids"], "positions": packed["positions"],
+          "head_columns": packed["predictor"]}
+
+
+def unpack_responses(entries: jax.Array, source: jax.Array, shape: tuple[int, ...]
+                     ) -> jax.Array:
+  """Per-token entries of packed rows [R, C] (or per-rollout ones [R, K]) placed in the
+  padded response layout `shape` ([B, N] or [B]) by pack_rollouts' `source` indices (past the
+  end = unused, dropped); 0 where nothing lands. Differentiable: its gradient is the gather
+  back, so every loss reads the same [B, N] arrays in either layout."""
+  size = int(np.prod(shape))
+  flat = jnp.zeros((size,), entries.dtype).at[source.reshape(-1)].set(entries.reshape(-1),
+                                                                     mode="drop")
+  return flat.reshape(shape)
+
+
 def score_rollout(policy_module, value_module, reward_module, *, critic, params, ref_params,
-                  rm_params, prompt_ids, prompt_mask, samples, cfg):
+                  rm_params, prompt_ids, prompt_mask, samples, cfg, packed=None):
   """Old and reference log-probs, values and reward-model scores of one rollout.
 
   The old log-probs are recomputed by a full forward pass at the sampling temperature (not
   taken from the KV-cache decode): in bfloat16 the two differ by ~1e-2, which would start
   every PPO ratio away from 1. Returns [B, N] float32 old_logp, ref_logp, values (zeros for the
   critic-free algorithms) and [B] rm_score = ensemble mean − cfg.ensemble_std_coef · std (zeros
-  when the reward comes from elsewhere).
+  when the reward comes from elsewhere). With `packed` (data.pack_rollouts of these rollouts,
+  one split) every forward pass runs on the packed rows instead of the padded ones, with the
+  same results.
   """
-  ids, mask = sampling.sequences(prompt_ids, prompt_mask, samples)
-  p, n = prompt_ids.shape[1], samples.tokens.shape[1]
   policy = models.build_model(policy_module.cfg, "policy")
-  logp_of = lambda prm: sampling.response_logprobs(policy, prm, prompt_ids, prompt_mask,
-                                                   samples, cfg.temperature)
+  shape = samples.tokens.shape
+  if packed is None:
+    ids, mask = sampling.sequences(prompt_ids, prompt_mask, samples)
+    p, n = prompt_ids.shape[1], shape[1]
+    logp_of = lambda prm: sampling.response_logprobs(policy, prm, prompt_ids, prompt_mask,
+                                                     samples, cfg.temperature)
+    _, values = forward(policy_module, value_module, critic, params, ids, mask, logits=False)
+    values = (None if values is None
+              else _response_values(values, p, n) * samples.response_mask)
+    rm_layout, unpack_rm = {}, lambda r: r
+  else:
+    ids, mask, layout = packed["ids"], packed["mask"], packed_layout(packed)
+    unpack = lambda x: unpack_responses(x, packed["source"], shape)
+
+    def logp_of(prm):
+      logits = policy.apply({"params": prm}, ids, mask, **layout)
+      return unpack(objectives.token_logprobs(logits, packed["targets"], cfg.temperature))
+    _, values = forward(policy_module, value_module, critic, params, ids, mask, logits=False,
+                        **layout)
+    values = None if values is None else unpack(values)
+    rm_layout = {**layout, "head_columns": packed.get("last_column")}  # Absent without an RM.
+    unpack_rm = jax.vmap(lambda r: unpack_responses(r, packed["last_source"], shape[:1]))
   old_logp, ref_logp = logp_of(params["policy"]), logp_of(ref_params)
-  _, values = forward(policy_module, value_module, critic, params, ids, mask, logits=False)
-  values = jnp.zeros(ids.shape, jnp.float32) if values is None else values
-  values = _response_values(values, p, n) * samples.response_mask
+  values = jnp.zeros(shape, jnp.float32) if values is None else values
   if rm_params is not None:
-    r = ensemble_rewards(reward_module, rm_params, ids, mask)  # [k, B]
+    r = unpack_rm(ensemble_rewards(reward_module, rm_params, ids, mask, **rm_layout))  # [k, B]
     rm_score = jnp.mean(r, 0) - cfg.ensemble_std_coef * jnp.std(r, 0)
   else:
-    rm_score = jnp.zeros(ids.shape[:1], jnp.float32)
+    rm_score = jnp.zeros(shape[:1], jnp.float32)
   return {"old_logp": old_logp, "ref_logp": ref_logp, "values": values, "rm_score": rm_score}
 
 
@@ -139,12 +181,21 @@ def ppo_loss_fn(policy_module, value_module, cfg, prompt_len: int):
 
   def loss_fn(params, batch, rng_key, kl_coef):
     del rng_key
-    ids = jnp.concatenate([batch["prompt_ids"], batch["tokens"]], 1)
-    mask = jnp.concatenate([batch["prompt_mask"], batch["response_mask"]], 1)
     n = batch["tokens"].shape[1]
-    logits, values = forward(policy_module, value_module, critic, params, ids, mask)
-    logp, entropy = objectives.logprobs_and_entropy(logits[:, prompt_len - 1:-1], batch["tokens"],
-                                                cfg.temperature)
+    if "predictor" in batch:  # Packed rows (data.pack_rollouts of this (micro-)batch).
+      logits, values = forward(policy_module, value_module, critic, params, batch["ids"],
+                               batch["mask"], **packed_layout(batch))
+      unpack = lambda x: unpack_responses(x, batch["source"], batch["tokens"].shape)
+      logp, entropy = map(unpack, objectives.logprobs_and_entropy(logits, batch["targets"],
+                                                                  cfg.temperature))
+      v = None if values is None else unpack(values)
+    else:
+      ids = jnp.concatenate([batch["prompt_ids"], batch["tokens"]], 1)
+      mask = jnp.concatenate([batch["prompt_mask"], batch["response_mask"]], 1)
+      logits, values = forward(policy_module, value_module, critic, params, ids, mask)
+      logp, entropy = objectives.logprobs_and_entropy(logits[:, prompt_len - 1:-1],
+                                                      batch["tokens"], cfg.temperature)
+      v = None if values is None else _response_values(values, prompt_len, n)
     rmask = batch["response_mask"].astype(jnp.float32) * batch["loss_weight"][:, None]
     # Every per-token term is reduced the same way (config.ppo.loss_aggregation).
     agg = dict(aggregation=cfg.loss_aggregation, max_len=n)
@@ -156,7 +207,6 @@ def ppo_loss_fn(policy_module, value_module, cfg, prompt_len: int):
     metrics = {"policy_loss": pg_loss, "entropy": ent,
                **{f"policy/{k}": v for k, v in pg_metrics.items()}}
     if cfg.algorithm == "ppo":
-      v = _response_values(values, prompt_len, n)
       v_loss, v_metrics = objectives.value_loss(v, batch["values"], batch["returns"], rmask,
                                                 clip_eps=cfg.vf_clip)
       loss = loss + cfg.vf_coef * v_loss
@@ -170,6 +220,15 @@ def ppo_loss_fn(policy_module, value_module, cfg, prompt_len: int):
   return loss_fn
 
 
+@jax.jit
+def _take_rows(batch, kl, rows, weights):
+  """The update batch and KL at `rows` (dynamic sampling's choice), the loss weight times
+  `weights` (0 on filler rows). Every process passes the same host rows: they are replicated."""
+  picked = jax.tree.map(lambda x: x[rows], batch)
+  picked["loss_weight"] = picked["loss_weight"] * weights
+  return picked, kl[rows]
+
+
 # ---------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------
@@ -180,6 +239,7 @@ class PPOTrainer:
 
   def __init__(self, config, task, mesh, *, policy_module, value_module, ref_params,
                reward_module=None, rm_params=None):
+    config = grpo_variants.resolve(config)  # config.ppo.grpo_variant's keys (a copy).
     self.config, self.cfg, self.task, self.mesh = config, config.ppo, task, mesh
     self.rules = config.sharding
     self.policy_module = policy_module  # Role "policy_value" when the critic is a head on it.
@@ -193,10 +253,19 @@ class PPOTrainer:
     tok = task.tokenize_config
     self.prompt_len = tok.max_prompt_len
     self.sampling_cfg = sampling.sampling_config(self.cfg, tok.eos_id, tok.pad_id)
-    self._score = jax.jit(lambda params, ref, rm, pi, pm, s: score_rollout(
+    self._score = jax.jit(lambda params, ref, rm, pi, pm, s, packed: score_rollout(
         policy_module, value_module, reward_module, critic=self.critic,
         params=self.effective(params, ref), ref_params=ref, rm_params=rm, prompt_ids=pi,
-        prompt_mask=pm, samples=s, cfg=self.cfg))
+        prompt_mask=pm, samples=s, cfg=self.cfg, packed=packed))
+    # Packed rollouts (config.ppo.packing): rows of pack_length tokens, each batch device's
+    # (and each micro-batch's) rollouts in rows of their own.
+    self.batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    longest = self.prompt_len + self.cfg.max_new_tokens
+    self.pack_length = self.cfg.packing.length or longest
+    if self.pack_length < longest:
+      raise ValueError(f"config.ppo.packing.length={self.pack_length}: a rollout can need "
+                       f"{longest} tokens (the task's prompt length {self.prompt_len} + "
+                       f"config.ppo.max_new_tokens)")
     self._batch = jax.jit(self._rollout_batch)
     self._kl_coef = jax.jit(self._next_kl_coef)
     self.tx, self.schedule = optim.make_optimizer(self.cfg.optim,
@@ -218,6 +287,19 @@ class PPOTrainer:
     adapters = trainable.pop("lora")
     attach = models.lora.fold_lora if fold else models.apply_lora
     return {**attach(base, adapters, self.lora.scale), **trainable}
+
+  def pack(self, rollouts, micro_batches: int = 1, last_columns: bool = True):
+    """data.pack_rollouts of host rollouts {prompt_ids, prompt_mask, tokens, response_mask}
+    split into `micro_batches` (each packed over the batch devices), sharded like a batch.
+    Without `last_columns` (no reward model reads them) their entries are left out: an unused
+    input whose shape varies would only cost recompiles."""
+    packed = data.pack_rollouts(
+        rollouts["prompt_ids"], rollouts["prompt_mask"], rollouts["tokens"],
+        rollouts["response_mask"], groups=micro_batches * self.batch_devices,
+        splits=micro_batches, length=self.pack_length, pad_id=self.task.tokenize_config.pad_id)
+    if not last_columns:
+      packed = {k: v for k, v in packed.items() if k not in ("last_column", "last_source")}
+    return parallel.distributed.shard_global(packed, self.mesh)
 
   def effective(self, params, base):
     return {**params, "policy": self.policy_params(params, base)}
@@ -255,12 +337,31 @@ class PPOTrainer:
     tokens = parallel.distributed.gather(samples.tokens)
     return world.score_ids(prompts, list(tokens)).reward
 
+  def grader_scores(self, prompt_ids, samples) -> np.ndarray:
+    """config.ppo.grader's scores (reward_source="grader"): prompts and responses decoded with
+    the task's tokenizer (a response without its EOS) and graded on the host, every process
+    grading every row as for the gold reward (train/grading.py)."""
+    prompts = [row[mask > 0] for row, mask in zip(*map(np.asarray, prompt_ids))]
+    tokens, lens, ended = map(np.asarray, parallel.distributed.gather(
+        (samples.tokens, samples.lengths, samples.finished)))
+    responses = [t[:n - int(e)] for t, n, e in zip(tokens, lens, ended)]
+    return grading.grade(self.task, self.config, prompts, responses)
+
+  def host_reward(self, prompt_ids, samples) -> np.ndarray | None:
+    """The host-side reward config.ppo.reward_source names (HOST_REWARDS)."""
+    if self.cfg.reward_source == "grader":
+      return self.grader_scores(prompt_ids, samples)
+    return self.gold_scores(prompt_ids, samples)
+
   def _rollout_batch(self, kl_coef, ids, mask, samples, scored, raw_score):
     """The update batch of one rollout: shaped score (length penalty, missing-EOS penalty,
     clipping), advantages, returns; plus the per-token KL."""
     cfg = self.cfg
     score = raw_score - cfg.length_penalty * samples.lengths.astype(jnp.float32)
     score = jnp.where(samples.finished, score, score - cfg.missing_eos_penalty)
+    if cfg.overlong_cache:  # DAPO's soft overlong punishment (objectives.overlong_penalty).
+      score = score + objectives.overlong_penalty(samples.lengths, cfg.max_new_tokens,
+                                                  cfg.overlong_cache)
     if cfg.reward_clip > 0:
       score = jnp.clip(score, -cfg.reward_clip, cfg.reward_clip)
     batch = {"prompt_ids": ids, "prompt_mask": mask, "tokens": samples.tokens,
@@ -324,6 +425,31 @@ class PPOTrainer:
     return state, {"metrics": metrics, "samples": samples, "batch": batch,
                    "rm_score": scored["rm_score"], "kl": seq_kl}
 
+  def dynamic_sampling(self, batch, kl):
+    """DAPO's dynamic sampling (Yu et al. 2025, arXiv:2503.14476, §3.2) on the update batch
+    and per-token KL of an over-sampled rollout (prompts_per_iter x oversample groups):
+    (batch, kl) of prompts_per_iter groups, the first ones whose scores are not all equal
+    (objectives.select_informative_groups), a short batch filled with zero-loss-weight groups,
+    and the metrics dynamic_sampling/kept_groups and dynamic_sampling/informative_fraction.
+
+    The test reads the shaped score (length, missing-EOS and overlong terms included), from
+    which the advantages are computed: a group is dropped when its advantages are all 0 (RLOO's
+    sequence KL in the reward aside: the test is on the task's score), or when the loss weights
+    (overlong filtering) mask every row of it. Choosing after the advantages is exact because
+    GRPO's and RLOO's are per group. With config.ppo.dynamic_sampling off: (batch, kl, {}).
+    """
+    cfg = self.cfg
+    if not cfg.dynamic_sampling:
+      return batch, kl, {}
+    scores, loss_weight = parallel.distributed.gather((batch["score"], batch["loss_weight"]))
+    pick = objectives.select_informative_groups(scores, cfg.group_size, cfg.prompts_per_iter,
+                                                row_weights=loss_weight)
+    batch, kl = _take_rows(batch, kl, pick.rows, pick.weights)
+    sampled_groups = scores.shape[0] // cfg.group_size
+    return batch, kl, {"dynamic_sampling/kept_groups": float(pick.kept),
+                       "dynamic_sampling/informative_fraction":
+                           pick.informative / sampled_groups}
+
   def host_iteration(self, state, ids, mask, gold):
     """The same iteration driven from the host: separate jitted rollout, scoring and update
     calls (any reward, including the task's host-side gold reward)."""
@@ -331,12 +457,19 @@ class PPOTrainer:
     sample_key, shuffle_key = jax.random.split(self._rollout_key(state))
     samples = sampling.generate(self.policy, self.merged_policy(state["params"]), ids, mask,
                                 sample_key, self.sampling_cfg)
-    scored = self._score(state["params"], self.ref_params, self.rm_params, ids, mask, samples)
-    gold_scores = gold(samples) if cfg.reward_source == "gold" else None
+    packed = None
+    if cfg.packing.enabled:  # The scoring passes on packed rows (one split: no micro-batches).
+      packed = self.pack(parallel.distributed.gather(
+          {"prompt_ids": ids, "prompt_mask": mask, "tokens": samples.tokens,
+           "response_mask": samples.response_mask}), last_columns=self.rm_params is not None)
+    scored = self._score(state["params"], self.ref_params, self.rm_params, ids, mask, samples,
+                         packed)
+    gold_scores = gold(samples) if cfg.reward_source in HOST_REWARDS else None
     raw = (parallel.distributed.shard_global(np.asarray(gold_scores, np.float32), self.mesh)
            if gold_scores is not None else scored["rm_score"])
     batch, kl = self._batch(state["kl_coef"], ids, mask, samples, scored, raw)
-    rows, metrics = ids.shape[0], []
+    batch, kl, picked = self.dynamic_sampling(batch, kl)  # As is unless dynamic_sampling.
+    rows, metrics = batch["score"].shape[0], []
     # One transfer per iteration, not one per minibatch; whole on every process, each of which
     # then feeds its own rows of every minibatch.
     host_batch = parallel.distributed.gather(batch)
@@ -345,14 +478,17 @@ class PPOTrainer:
       for start in range(0, rows // cfg.minibatch_size * cfg.minibatch_size,
                          cfg.minibatch_size):
         idx = order[start:start + cfg.minibatch_size]
-        minibatch = parallel.distributed.shard_global(
-            jax.tree.map(lambda x: x[idx], host_batch), self.mesh)
+        rows_of = jax.tree.map(lambda x: x[idx], host_batch)
+        minibatch = parallel.distributed.shard_global(rows_of, self.mesh)
+        if cfg.packing.enabled:
+          minibatch.update(self.pack(rows_of, cfg.optim.accum_steps, last_columns=False))
         state, m = self._update(state, minibatch)
         metrics.append(m)
     seq_kl, new_coef = self._kl_coef(state["kl_coef"], kl)
     state["kl_coef"] = jax.device_put(new_coef, state["kl_coef"].sharding)
     metrics = {k: (np.max if k == "skipped" else np.mean)([float(m[k]) for m in metrics])
                for k in metrics[0]}
+    metrics.update(picked)
     return state, {"metrics": metrics, "samples": samples, "batch": batch,
                    "rm_score": scored["rm_score"], "kl": seq_kl, "gold": gold_scores}
 
@@ -362,18 +498,20 @@ class PPOTrainer:
     # The prompt batch is global on every process (prompt_iterator); each feeds its rows.
     ids, mask = parallel.distributed.shard_global((prompts["ids"], prompts["mask"]), self.mesh)
     gold_of = lambda samples: self.gold_scores((prompts["ids"], prompts["mask"]), samples)
+    reward_of = lambda samples: self.host_reward((prompts["ids"], prompts["mask"]), samples)
     if cfg.fused:
       state, out = self._fused(state, ids, mask, self.ref_params, self.rm_params)
     else:
-      state, out = self.host_iteration(state, ids, mask, gold_of)
+      state, out = self.host_iteration(state, ids, mask, reward_of)
     # Host metrics read every row: gathered whole onto every process (a no-op on one process);
     # of the update batch only the columns the metrics read.
     metric_keys = ("score",) + (("values", "returns", "response_mask")
                                 if cfg.algorithm == "ppo" else ())
     samples, batch, rm_score = parallel.distributed.gather(
         (out["samples"], {k: out["batch"][k] for k in metric_keys}, out["rm_score"]))
-    gold = out.get("gold")
-    gold = gold_of(samples) if gold is None else gold  # Scored once per iteration.
+    host = out.get("gold")  # The host-side reward the update used (gold or grader), if any.
+    # The gold reward is scored once per iteration: reused when it was the reward.
+    gold = host if cfg.reward_source == "gold" else gold_of(samples)
     tokens, lens = np.asarray(samples.tokens), np.asarray(samples.lengths)
     ended = np.asarray(samples.finished).astype(int)
     responses = [t[:n - e] for t, n, e in zip(tokens, lens, ended)]  # EOS excluded, as in eval.
@@ -392,6 +530,8 @@ class PPOTrainer:
           batch["values"], batch["returns"], batch["response_mask"]))
     if gold is not None:
       metrics["gold_reward"] = float(np.mean(gold))
+    if cfg.reward_source == "grader":
+      metrics["grader_reward"] = float(np.mean(host))
     return state, metrics
 
 
@@ -409,7 +549,10 @@ def prompt_iterator(task, config, position: int):
 
   # Global batches on every process (prompts are tiny): a rollout's random draws are per global
   # row, so a fixed global row order makes a run independent of the process count.
-  return data.DataIterator(prompts, data.PaddedBatcher(cfg.prompts_per_iter, collate),
+  # Dynamic sampling draws `oversample` times the prompts an update takes (oversample is 1
+  # otherwise), then keeps prompts_per_iter of them (PPOTrainer.dynamic_sampling).
+  return data.DataIterator(prompts, data.PaddedBatcher(cfg.prompts_per_iter * cfg.oversample,
+                                                       collate),
                            seed=config.seed, position=position, process_index=0,
                            process_count=1)
 

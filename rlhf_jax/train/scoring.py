@@ -255,9 +255,10 @@ def score_pairs(module, params, pairs, tok: data.TokenizeConfig, mesh, batch_siz
 # ---------------------------------------------------------------------------------------------
 
 
-def ensemble_rewards(module, params, ids, mask) -> jax.Array:
-  """[k, B] rewards of every member (params stacked [k, ...]) for the sequences [B, T]."""
-  return jax.vmap(lambda p: module.apply({"params": p}, ids, mask))(params)
+def ensemble_rewards(module, params, ids, mask, **layout) -> jax.Array:
+  """[k, B] rewards of every member (params stacked [k, ...]) for the sequences [B, T]
+  (with `layout`, e.g. packed rows read at head_columns [R, K]: [k, R, K])."""
+  return jax.vmap(lambda p: module.apply({"params": p}, ids, mask, **layout))(params)
 
 
 @functools.lru_cache(maxsize=None)

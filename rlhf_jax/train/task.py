@@ -1,4 +1,5 @@
-"""The task a run trains on: the embedded review world, or the user's files and tokenizer.
+"""The task a run trains on: an embedded world (the review world; the arithmetic world, whose
+reward is verifiable), or the user's files and tokenizer.
 
 `build_task(config)` gives the tokenizer, the special ids, the lengths and how chat messages are
 rendered; `sft_examples`, `preference_examples` and `prompts` give a split of the data as token
@@ -19,6 +20,9 @@ from absl import logging
 from rlhf_jax import data, rng
 
 CHAT_MODES = ("auto", "template", "hh")
+# Embedded tasks with a gold reward (Task.world): config.task.kind values.
+WORLD_KINDS = ("review_world", "arithmetic_world")
+KINDS = WORLD_KINDS + ("files",)
 
 
 @dataclasses.dataclass
@@ -28,7 +32,8 @@ class Task:
   # Ids the tokenizer can produce lie below this (added tokens included). A fresh model's
   # vocabulary is exactly this; a loaded model's must be at least this.
   vocab_size: int
-  world: data.ReviewWorld | None = None  # Set for the embedded task (it has a gold reward).
+  # Set for an embedded task (it has a gold reward).
+  world: data.ReviewWorld | data.ArithmeticWorld | None = None
   chat: Any = data.ChatFormat()  # Renders message lists: the tokenizer's chat template or hh.
   tokenizer_files: Any = None  # data.TokenizerFiles of a user's tokenizer (copied to exports).
   _cache: dict = dataclasses.field(default_factory=dict, repr=False)
@@ -62,6 +67,30 @@ def review_world_config() -> ml_collections.ConfigDict:
       n_pairs=10_000, n_eval_pairs=1_000, k=4, label_temperature=0.0))
 
 
+def arithmetic_world_config() -> ml_collections.ConfigDict:
+  """config.task for the embedded arithmetic world (data/arithmetic_world.py): its seed, the
+  problem distribution (operand count and range, operators), the gold reward's format weight,
+  and how many SFT examples to draw."""
+  world = data.arithmetic_world.WorldConfig()
+  return ml_collections.ConfigDict(dict(
+      kind="arithmetic_world", world_seed=0, n_sft=20_000, n_eval=500,
+      min_operands=world.min_operands, max_operands=world.max_operands,
+      max_operand=world.max_operand, ops=world.ops, format_weight=world.format_weight,
+      heldout_fraction=world.heldout_fraction))
+
+
+def _arithmetic_world(cfg: ml_collections.ConfigDict) -> data.ArithmeticWorld:
+  """The world of config.task; a bad knob names its config.task key."""
+  try:
+    world_cfg = data.arithmetic_world.WorldConfig(
+        seed=cfg.world_seed, min_operands=cfg.min_operands, max_operands=cfg.max_operands,
+        max_operand=cfg.max_operand, ops=cfg.ops, format_weight=cfg.format_weight,
+        heldout_fraction=cfg.heldout_fraction)
+  except ValueError as e:
+    raise ValueError(f"config.task.{e}") from None
+  return data.ArithmeticWorld(world_cfg)
+
+
 def files_config() -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
   """(config.task, config.data) for a user's tokenizer and data files.
 
@@ -69,14 +98,16 @@ def files_config() -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict
   tokens: "" = the tokenizer's own (tokenizer_config.json); chat: "auto" renders message lists
   with the tokenizer's chat template when it has one, else with hh-rlhf markers ("template"
   requires one, "hh" never uses it). data.*: files (""= none); *_eval: "" = hold out
-  eval_fraction of the train file; on_error: "raise" or "skip" (bad rows counted by reason).
+  eval_fraction of the train file; on_error: "raise" or "skip" (bad rows counted by reason);
+  answer_field: the field of config.data.prompts records that holds each prompt's reference
+  answer, read only for a grader that takes one (config.ppo.grader, rlhf_jax.graders).
   """
   task = ml_collections.ConfigDict(dict(
       kind="files", tokenizer="", eos_token="", pad_token="", bos_token="", chat="auto",
       max_prompt_len=256, max_response_len=256, over_length="truncate"))
   files = ml_collections.ConfigDict(dict(
       sft="", sft_eval="", pairs="", pairs_eval="", prompts="", prompts_eval="",
-      eval_fraction=0.05, split_seed=0, on_error="raise"))
+      eval_fraction=0.05, split_seed=0, on_error="raise", answer_field="answer"))
   return task, files
 
 
@@ -88,8 +119,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
       if not isinstance(cfg[key], int) or cfg[key] < 1:
         raise ValueError(f"config.task.{key}={cfg[key]!r}: must be an integer >= 1")
     return
+  if cfg.kind == "arithmetic_world":
+    for key in ("n_sft", "n_eval"):
+      if not isinstance(cfg[key], int) or cfg[key] < 1:
+        raise ValueError(f"config.task.{key}={cfg[key]!r}: must be an integer >= 1")
+    _arithmetic_world(cfg)
+    return
   if cfg.kind != "files":
-    raise ValueError(f"config.task.kind={cfg.kind!r}; expected 'review_world' or 'files'")
+    raise ValueError(f"config.task.kind={cfg.kind!r}; expected one of {KINDS}")
   for key in ("max_prompt_len", "max_response_len"):
     if not isinstance(cfg[key], int) or cfg[key] < 1:
       raise ValueError(f"config.task.{key}={cfg[key]!r}: must be an integer >= 1")
@@ -118,7 +155,8 @@ def _special_id(tokenizer, token: str, key: str, source: str) -> int:
 
 
 def build_task(config: ml_collections.ConfigDict) -> Task:
-  """config.task.kind = "review_world" (seeded, generated here) or "files"."""
+  """config.task.kind = "review_world" / "arithmetic_world" (seeded, generated here) or
+  "files"."""
   cfg = config.task
   if cfg.kind == "review_world":
     world = data.ReviewWorld(data.WorldConfig(seed=cfg.world_seed))
@@ -128,8 +166,15 @@ def build_task(config: ml_collections.ConfigDict) -> Task:
                                       unk_token=data.review_world.UNK)
     return Task(world.tokenizer, world.tokenize_config(vocab_size=vocab), vocab, world,
                 tokenizer_files=files)
+  if cfg.kind == "arithmetic_world":
+    world = _arithmetic_world(cfg)
+    names = data.arithmetic_world
+    files = data.tokenizer_files_from(world.tokenizer, eos_token=names.EOS,
+                                      pad_token=names.PAD, unk_token=names.UNK)
+    return Task(world.tokenizer, world.tokenize_config(vocab_size=world.vocab_size),
+                world.vocab_size, world, tokenizer_files=files)
   if cfg.kind != "files":
-    raise ValueError(f"config.task.kind={cfg.kind!r}; expected 'review_world' or 'files'")
+    raise ValueError(f"config.task.kind={cfg.kind!r}; expected one of {KINDS}")
   chat_mode = cfg.get("chat", "auto")  # Configs saved before chat templates lack the key.
   if chat_mode not in CHAT_MODES:
     raise ValueError(f"config.task.chat={chat_mode!r}; expected one of {CHAT_MODES}")
@@ -263,6 +308,10 @@ def preference_examples(task: Task, config: ml_collections.ConfigDict, split: st
 
 def _preference_examples(task: Task, config: ml_collections.ConfigDict, split: str):
   if task.world is not None:
+    if not hasattr(task.world, "sample_preferences"):
+      raise ValueError(f"config.task.kind={config.task.kind!r} has no preference pairs of its "
+                       "own (its reward is verified, not learned): train a policy with "
+                       "config.stages ('sft', 'ppo')")
     cfg = config.task
     n = cfg.n_pairs if split == "train" else cfg.n_eval_pairs
     raw = task.world.sample_preferences(n, k=cfg.k, temperature=cfg.label_temperature,
@@ -301,16 +350,66 @@ def prompts(task: Task, config: ml_collections.ConfigDict, split: str, n: int = 
   else:
     raise ValueError("config.data.prompts is empty (and there are no config.data.pairs or "
                      "config.data.sft files to take prompts from): RL needs prompts")
-  texts = list(dict.fromkeys(texts))
-  ids = data.encode_texts(task.tokenizer, texts, desc=f"prompts {split}")
+  return encode_prompts(task, list(dict.fromkeys(texts)), f"prompts {split}")
+
+
+def encode_prompts(task: Task, texts: list[str], what: str, report: bool = True
+                   ) -> list[np.ndarray]:
+  """Prompt texts as the policy reads them: token ids, the BOS in front, the last
+  config.task.max_prompt_len tokens of a longer one (counted, and printed when any is cut)."""
+  ids = data.encode_texts(task.tokenizer, texts, desc=what)
   bos = task.tokenize_config.bos_id
   if bos is not None:
     ids = [np.concatenate([[bos], x]).astype(np.int32) for x in ids]
   width = task.tokenize_config.max_prompt_len
   cut = sum(len(x) > width for x in ids)
-  message = f"prompts {split}: {len(ids)} prompts; {cut} longer than {width} tokens keep " \
+  message = f"{what}: {len(ids)} prompts; {cut} longer than {width} tokens keep " \
             "their last tokens (config.task.max_prompt_len)"
-  logging.info("%s", message)
-  if cut:
-    print(message, flush=True)
+  if report:
+    logging.info("%s", message)
+    if cut:
+      print(message, flush=True)
   return [x[-width:] for x in ids]
+
+
+def prompt_references(task: Task, config: ml_collections.ConfigDict
+                      ) -> dict[tuple[int, ...], str]:
+  """Each RL prompt's reference answer, by the prompt's token ids as `prompts` gives them (BOS,
+  left truncation), for graders that take one (train/grading.py): the config.data.answer_field
+  field of every record of config.data.prompts and config.data.prompts_eval, whichever split a
+  prompt falls in. Keyed by ids, not text, so a tokenizer whose decoding does not reproduce the
+  file's string exactly still finds the answer. {} without a prompts file. A prompt given two
+  different answers is an error naming both records."""
+  return task.cached(config, "prompt_references", lambda: _prompt_references(task, config))
+
+
+def _prompt_references(task: Task, config: ml_collections.ConfigDict):
+  files = config.data
+  field = files.get("answer_field", "answer")
+  records = []
+  for key in ("prompts", "prompts_eval"):
+    if files[key]:
+      try:
+        records += data.read_prompt_answers(files[key], answer_field=field,
+                                            on_error=files.on_error, chat_format=task.chat)
+      except data.DataError as e:
+        raise data.DataError(e.where, f"{e.problem} (config.data.{key}, answers in "
+                             f"config.data.answer_field={field!r})", e.reason) from None
+  first: dict[str, data.PromptAnswer] = {}
+  for r in records:
+    seen = first.setdefault(r.prompt, r)
+    if seen.answer != r.answer:
+      raise data.DataError(r.source, f"the same prompt as {seen.source} with another "
+                           f"answer ({r.answer!r}, there {seen.answer!r})",
+                           "conflicting_answers")
+  unique = list(first.values())
+  table: dict[tuple[int, ...], data.PromptAnswer] = {}
+  for r, ids in zip(unique, encode_prompts(task, [r.prompt for r in unique],
+                                           "prompt references", report=False)):
+    seen = table.setdefault(tuple(int(i) for i in ids), r)
+    if seen.answer != r.answer:
+      raise data.DataError(r.source, f"the prompt tokenises to the same last "
+                           f"{task.tokenize_config.max_prompt_len} tokens as {seen.source} "
+                           f"(config.task.max_prompt_len) but its answer {r.answer!r} differs "
+                           f"from {seen.answer!r}", "conflicting_answers")
+  return {k: r.answer for k, r in table.items()}

@@ -2,7 +2,8 @@
 
 Five reward-model, DPO and PPO train steps of a tiny model on one device, then under each
 preset (replicated = data parallel, fsdp, fsdp_tensor) on meshes 2x4, 8x1 and 4x2, from the
-same init and batches. Each step is compiled ahead of time; the FSDP steps' optimised HLO is
+same init and batches; and the PPO steps on packed rollouts ("ppo_packed": the same batches,
+data.pack_rollouts over 8 groups) on one device and under fsdp 2x4 and fsdp_tensor 4x2. Each step is compiled ahead of time; the FSDP steps' optimised HLO is
 searched for the collectives. Prints one JSON object.
 """
 import json
@@ -27,7 +28,7 @@ if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
-from rlhf_jax import models, parallel  # noqa: E402
+from rlhf_jax import data, models, parallel  # noqa: E402
 from rlhf_jax.train import ppo, preference, reward, rl, state as state_lib  # noqa: E402
 from rlhf_jax.train import step as step_lib  # noqa: E402
 
@@ -76,6 +77,10 @@ def make_batches(kind, rng):
            "returns": rng.normal(0, 1, shape).astype(np.float32),
            "values": rng.normal(0, 1, shape).astype(np.float32),
            "loss_weight": np.ones(ROWS, np.float32)}
+      if kind == "ppo_packed":  # Rows split over up to 8 batch devices: 8 groups.
+        b.update(data.pack_rollouts(b["prompt_ids"], b["prompt_mask"], b["tokens"],
+                                    b["response_mask"], groups=8, length=PROMPT + RESPONSE,
+                                    pad_id=0))
     out.append(b)
   return out
 
@@ -161,15 +166,19 @@ def run(kind, mesh, preset, batches, host, want_hlo=False):
 def main():
   assert jax.device_count() == 8, jax.devices()
   out = {"cases": [], "hlo": {}}
-  kinds = sys.argv[1].split(",") if len(sys.argv) > 1 else ("rm", "dpo", "ppo")
+  kinds = sys.argv[1].split(",") if len(sys.argv) > 1 else ("rm", "dpo", "ppo", "ppo_packed")
+  seeds = {"rm": 0, "dpo": 1, "ppo": 2, "ppo_packed": 2}  # Packed: the PPO batches, packed.
   for kind in kinds:
-    batches = make_batches(kind, np.random.default_rng({"rm": 0, "dpo": 1, "ppo": 2}[kind]))
+    batches = make_batches(kind, np.random.default_rng(seeds[kind]))
     single = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
     host = host_init(kind)
     ref, _ = run(kind, single, "replicated", batches, host)
     out["cases"].append({"kind": kind, "preset": "single", "mesh": [1], "losses": ref})
     for preset, axes in AXES.items():
       for shape in SHAPES:
+        if kind == "ppo_packed" and (preset, shape) not in (("fsdp", (2, 4)),
+                                                              ("fsdp_tensor", (4, 2))):
+          continue
         mesh = parallel.make_mesh(dict(zip(axes, shape)))
         hlo_wanted = shape == (2, 4) and preset in ("fsdp", "replicated")
         start = time.process_time()
