@@ -27,6 +27,7 @@ STREAMS = {
     "best_of_n_pool": 7,
     "lora_rl": 8,          # LoRA adapters of the RL policy.
     "best_of_n": 9,        # The best-of-n stage's samples (train/best_of_n.py).
+    "online_dpo": 10,      # Online / iterative DPO train state: rollouts, pair order, updates.
 }
 
 # Seeds of the review world's prompt sets (ReviewWorld.sample_prompts(n, seed=...)).

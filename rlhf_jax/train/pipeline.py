@@ -10,6 +10,8 @@ each resumable from its own checkpoints):
   "best_of_n"  n samples of the SFT policy per prompt, the best by the reward model, written
             as SFT data (train/best_of_n.py; nothing trains);
   "dpo"     the DPO family or KTO from the SFT policy (train/preference.py);
+  "online_dpo"  online or iterative DPO from the SFT policy on pairs of its own samples,
+            labelled by the reward model, the gold reward or a grader (train/online_dpo.py);
   "ppo"     PPO / GRPO / RLOO from the SFT policy against the reward model (train/rl.py).
 A stage without an earlier stage to start from starts from its section's init_hf_dir, else
 config.model_dir (a user's HF model), else fresh weights; a stage whose init_hf_dir is set
@@ -32,13 +34,15 @@ from absl import logging
 
 from rlhf_jax import configs, data, models, rng, sampling
 from rlhf_jax import eval as eval_lib
-from rlhf_jax.train import best_of_n, preference, reward, rl, sft
+from rlhf_jax.train import best_of_n, online_dpo, preference, reward, rl, sft
+from rlhf_jax.train import grading
 from rlhf_jax.train import stage as stage_lib
 from rlhf_jax.train import task as task_lib
 
 # Library stages by config section. "pairs" is a step between stages, not a trained stage.
-STAGES = {"sft": sft, "reward": reward, "best_of_n": best_of_n, "dpo": preference, "ppo": rl}
-STEPS = ("sft", "pairs", "reward", "best_of_n", "dpo", "ppo")
+STAGES = {"sft": sft, "reward": reward, "best_of_n": best_of_n, "dpo": preference,
+          "online_dpo": online_dpo, "ppo": rl}
+STEPS = ("sft", "pairs", "reward", "best_of_n", "dpo", "online_dpo", "ppo")
 
 
 @dataclasses.dataclass
@@ -144,7 +148,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
                              "sampling.k", "sampling.max_new_tokens", "sampling.batch_size")
     if config.sampling.k < 2:
       raise ValueError(f"config.sampling.k={config.sampling.k}: pairs need >= 2 samples")
-  for step in ("best_of_n", "ppo"):
+  if config.task.kind == "arithmetic_world":
+    for step in ("reward", "dpo"):
+      if step in stages:
+        raise ValueError(f"config.stages: {step!r} trains on preference pairs, which "
+                         "config.task.kind='arithmetic_world' does not have (its reward is "
+                         "verified, not learned); run ('sft', 'ppo') with config.ppo."
+                         "reward_source='gold' or 'grader'")
+  for step in ("best_of_n", "online_dpo", "ppo"):
     if step in stages and config[step].reward_source == "model":
       if "reward" not in stages and not config[step].reward_hf_dir:
         raise ValueError(f"config.{step}.reward_source='model' but no reward model: add "
@@ -155,7 +166,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       for kind in needs.get(step, ()):
         if not config.data[kind] and not (kind == "pairs" and "pairs" in stages):
           raise ValueError(f"config.data.{kind} is empty: stage {step!r} trains on it")
-      if step in ("ppo", "best_of_n") and not any(
+      if step in ("ppo", "best_of_n", "online_dpo") and not any(
           config.data[k] for k in ("prompts", "prompts_eval", "pairs", "sft")):
         raise ValueError(f"config.data.prompts is empty (and there are no config.data.pairs or "
                          f"config.data.sft files to take prompts from): stage {step!r} "
@@ -211,6 +222,19 @@ def preflight(config: ml_collections.ConfigDict) -> None:
           data.check_readable(config.data[key], reader, chat_format=task.chat,
                               on_error=config.data.on_error, what=f"config.data.{key}",
                               min_examples=2 if split else 1)
+    graded = [s for s in stages if s in STAGES and config[s].get("reward_source") == "grader"]
+    for step in graded:
+      # A grader that takes reference answers reads them from every prompts record.
+      grader = grading.grader_of(config, step)
+      if grader.wants_reference:
+        for key in ("prompts", "prompts_eval"):
+          if config.data[key]:
+            data.check_readable(config.data[key], data.read_prompt_answers,
+                                chat_format=task.chat,
+                                on_error="raise" if grader.needs_reference
+                                else config.data.on_error,
+                                what=f"config.data.{key}, config.data.answer_field",
+                                answer_field=config.data.get("answer_field", "answer"))
 
 
 def _check_model_fits(task, cfg, where: str, step: str, longest: int) -> None:
@@ -227,13 +251,16 @@ def _longest_sequence(config, step: str, tok: data.TokenizeConfig) -> int:
     return config.sft.length
   if step in ("ppo", "best_of_n"):
     return tok.max_prompt_len + config[step].max_new_tokens
+  if step == "online_dpo":  # Pair rows hold whole samples; shared: both after one prompt.
+    cfg = config.online_dpo
+    return tok.max_prompt_len + (2 if cfg.shared_prefix else 1) * cfg.max_new_tokens
   if step == "dpo" and config.dpo.shared_prefix:
     return tok.max_prompt_len + 2 * tok.max_response_len
   return tok.max_prompt_len + tok.max_response_len
 
 
 def _length_keys(step: str) -> str:
-  if step in ("ppo", "best_of_n"):
+  if step in ("ppo", "best_of_n", "online_dpo"):
     return f"config.task.max_prompt_len + config.{step}.max_new_tokens"
   return {"sft": "config.sft.length"}.get(step, "config.task.max_prompt_len + max_response_len")
 
@@ -304,6 +331,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, evaluate: bool = Tru
     elif step == "dpo":
       results["dpo"] = preference.run(config, os.path.join(workdir, "dpo"),
                                       _start(config, "dpo", results), pairs=pairs)
+    elif step == "online_dpo":
+      results["online_dpo"] = online_dpo.run(config, os.path.join(workdir, "online_dpo"),
+                                             _start(config, "online_dpo", results),
+                                             reward=results.get("reward"))
     elif step == "ppo":
       results["ppo"] = rl.run(config, os.path.join(workdir, rl.name(config)),
                               _start(config, "ppo", results), reward=results.get("reward"))

@@ -26,15 +26,15 @@ from absl import logging
 
 from rlhf_jax import data, models, objectives, parallel, rng
 from rlhf_jax.train import loop as loop_lib
-from rlhf_jax.train import optim, scoring, stage as stage_lib, state as state_lib
+from rlhf_jax.train import optim, pair_loss, scoring, stage as stage_lib, state as state_lib
 from rlhf_jax.train import step as step_lib, task as task_lib
 
 NAME = "dpo"
 REFERENCE_MODES = ("model", "precomputed", "none")
-REFERENCE_FREE = ("simpo", "orpo")
-# Config keys of config.dpo that each loss takes as keyword hyperparameters.
-LOSS_HPARAMS = {"sigmoid": ("label_smoothing",), "robust": ("label_smoothing",),
-                "simpo": ("gamma",), "ipo": ("length_normalized",)}
+# The DPO family's loss_fn is shared with the online stage (train/pair_loss.py); its names stay
+# importable from here.
+REFERENCE_FREE, LOSS_HPARAMS = pair_loss.REFERENCE_FREE, pair_loss.LOSS_HPARAMS
+preference_loss_fn = pair_loss.preference_loss_fn
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -92,47 +92,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
 # ---------------------------------------------------------------------------------------------
 # Pairwise losses
 # ---------------------------------------------------------------------------------------------
-
-
-def preference_loss_fn(module, cfg: ml_collections.ConfigDict, prompt_len: int,
-                       beta_in_state: bool = False):
-  """loss_fn for step.make_train_step: the summed per-pair losses; count = pairs.
-
-  Its extra state entries are the reference params ("ref", for config.dpo.reference = "model")
-  and, with `beta_in_state`, β as the last one (a traced scalar instead of config.dpo.beta, so
-  a vmap over stacked states sweeps it: train.sweep). With config.dpo.packing.rows > 0 the
-  batch is packed pair rows (`_collate_fn`): per-slot values, empty slots masked out of the
-  losses, the metrics and the count.
-  """
-  hparams = {k: cfg[k] for k in LOSS_HPARAMS.get(cfg.loss, ())}
-  packed = cfg.packing.rows > 0
-  if packed:
-    logps_of = lambda p, b: scoring.packed_pair_logps(module, p, b)
-  else:
-    logps_of = lambda p, b: scoring.pair_logps(module, p, b, prompt_len=prompt_len,
-                                               shared_prefix=cfg.shared_prefix)
-
-  def loss_fn(params, batch, rng_key, *extra):
-    del rng_key
-    ref, beta = (extra[:-1], extra[-1]) if beta_in_state else (extra, cfg.beta)
-    s_c, s_r, n_c, n_r = logps_of(params, batch)
-    if cfg.reference == "model":
-      ref_c, ref_r, _, _ = jax.lax.stop_gradient(logps_of(ref[0], batch))
-    elif cfg.reference == "precomputed":
-      ref_c, ref_r = batch["ref_chosen"].reshape(-1), batch["ref_rejected"].reshape(-1)
-    else:
-      ref_c = ref_r = None
-    mask = batch["pair_mask"].reshape(-1) if packed else None
-    logps = objectives.PreferenceLogps(policy_chosen=s_c, policy_rejected=s_r, ref_chosen=ref_c,
-                                       ref_rejected=ref_r, chosen_tokens=n_c,
-                                       rejected_tokens=n_r, mask=mask)
-    losses, metrics = objectives.preference_loss(cfg.loss, logps, beta=beta,
-                                                 nll_weight=cfg.nll_weight, **hparams)
-    pairs = (jnp.asarray(losses.shape[0], jnp.float32) if mask is None else
-             jnp.sum(mask.astype(jnp.float32)))
-    # Batch means -> sums, so that accumulation renormalises by the global pair count.
-    return jnp.sum(losses), (pairs, {k: v * pairs for k, v in metrics.items()})
-  return loss_fn
 
 
 def tr_dpo_sync(every: int, alpha: float):
