@@ -443,21 +443,12 @@ def _mean_metrics(step_metrics: list[dict]) -> dict[str, float]:
 
 def prompt_iterator(task, config, position: int):
   """Batches of left-padded prompts for one iteration, each repeated samples_per_prompt times
-  (group-major), global on every process (like the RL stage's: a rollout's random draws are per
-  global row). The pool is the task's RL training prompts (review world: the "rl" set)."""
-  cfg, tok = config.online_dpo, task.tokenize_config
-  pool = task.cached(config, "rl_prompts",
-                     lambda: task_lib.prompts(task, config, "train", n=cfg.train_prompts),
-                     cfg.train_prompts)
-
-  def collate(batch):
-    rows = [p for p in batch for _ in range(cfg.samples_per_prompt)]
-    ids, mask = eval_lib.left_pad(rows, tok.max_prompt_len, tok.pad_id)
-    return {"ids": ids, "mask": mask}
-
-  return data.DataIterator(pool, data.PaddedBatcher(prompts_per_iteration(cfg), collate),
-                           seed=config.seed, position=position, process_index=0,
-                           process_count=1)
+  (group-major), global on every process (like the RL stage's). The pool is the task's RL
+  training prompts (review world: the "rl" set)."""
+  cfg = config.online_dpo
+  return task_lib.grouped_prompt_batches(
+      task, config, position, train_prompts=cfg.train_prompts,
+      prompts_per_batch=prompts_per_iteration(cfg), repeats=cfg.samples_per_prompt)
 
 
 # ---------------------------------------------------------------------------------------------

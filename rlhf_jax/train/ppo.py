@@ -536,25 +536,13 @@ class PPOTrainer:
 
 
 def prompt_iterator(task, config, position: int):
-  """Batches of left-padded prompts, each repeated group_size times (group-major)."""
-  cfg, tok = config.ppo, task.tokenize_config
-  prompts = task.cached(config, "rl_prompts",
-                        lambda: task_lib.prompts(task, config, "train", n=cfg.train_prompts),
-                        cfg.train_prompts)
-
-  def collate(batch):
-    rows = [p for p in batch for _ in range(cfg.group_size)]
-    ids, mask = eval_lib.left_pad(rows, tok.max_prompt_len, tok.pad_id)
-    return {"ids": ids, "mask": mask}
-
-  # Global batches on every process (prompts are tiny): a rollout's random draws are per global
-  # row, so a fixed global row order makes a run independent of the process count.
-  # Dynamic sampling draws `oversample` times the prompts an update takes (oversample is 1
-  # otherwise), then keeps prompts_per_iter of them (PPOTrainer.dynamic_sampling).
-  return data.DataIterator(prompts, data.PaddedBatcher(cfg.prompts_per_iter * cfg.oversample,
-                                                       collate),
-                           seed=config.seed, position=position, process_index=0,
-                           process_count=1)
+  """Batches of left-padded prompts, each repeated group_size times (group-major). Dynamic
+  sampling draws `oversample` times the prompts an update takes (oversample is 1 otherwise),
+  then keeps prompts_per_iter of them (PPOTrainer.dynamic_sampling)."""
+  cfg = config.ppo
+  return task_lib.grouped_prompt_batches(
+      task, config, position, train_prompts=cfg.train_prompts,
+      prompts_per_batch=cfg.prompts_per_iter * cfg.oversample, repeats=cfg.group_size)
 
 
 def make_trainer(config: ml_collections.ConfigDict, task, mesh, *, policy, rm=None):

@@ -18,6 +18,7 @@ import numpy as np
 from absl import logging
 
 from rlhf_jax import data, rng
+from rlhf_jax import eval as eval_lib
 
 CHAT_MODES = ("auto", "template", "hh")
 # Embedded tasks with a gold reward (Task.world): config.task.kind values.
@@ -351,6 +352,28 @@ def prompts(task: Task, config: ml_collections.ConfigDict, split: str, n: int = 
     raise ValueError("config.data.prompts is empty (and there are no config.data.pairs or "
                      "config.data.sft files to take prompts from): RL needs prompts")
   return encode_prompts(task, list(dict.fromkeys(texts)), f"prompts {split}")
+
+
+def grouped_prompt_batches(task: Task, config: ml_collections.ConfigDict, position: int, *,
+                           train_prompts: int, prompts_per_batch: int, repeats: int):
+  """The online stages' prompt stream: batches of `prompts_per_batch` left-padded training
+  prompts (of `train_prompts`, tokenised once per task), each repeated `repeats` times
+  (group-major: the samples of one prompt are adjacent rows), resumable at `position`.
+
+  Global batches on every process (prompts are tiny): a rollout's random draws are per global
+  row, so a fixed global row order makes a run independent of the process count."""
+  tok = task.tokenize_config
+  pool = task.cached(config, "rl_prompts",
+                     lambda: prompts(task, config, "train", n=train_prompts), train_prompts)
+
+  def collate(batch):
+    rows = [p for p in batch for _ in range(repeats)]
+    ids, mask = eval_lib.left_pad(rows, tok.max_prompt_len, tok.pad_id)
+    return {"ids": ids, "mask": mask}
+
+  return data.DataIterator(pool, data.PaddedBatcher(prompts_per_batch, collate),
+                           seed=config.seed, position=position, process_index=0,
+                           process_count=1)
 
 
 def encode_prompts(task: Task, texts: list[str], what: str, report: bool = True
