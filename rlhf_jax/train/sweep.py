@@ -193,12 +193,14 @@ def ppo_sweep(trainer: ppo_lib.PPOTrainer, params, *, task, config: ml_collectio
 
 def ppo_with_curve(trainer: ppo_lib.PPOTrainer, params, *, task,
                    config: ml_collections.ConfigDict, evaluate: Evaluate | None = None,
-                   eval_every: int = 0, seed: int | None = None
+                   eval_every: int = 0, seed: int | None = None,
+                   on_iteration: Callable[[int, dict], None] | None = None
                    ) -> tuple[object, list[dict], dict]:
   """One run of trainer.iteration (fused or host-driven, any reward source, e.g. the gold
   reward) for config.ppo.iterations, evaluated on the schedule. Returns (final state, curve,
   timing): timing["train_s"] is the wall time of the iterations alone (evaluation excluded,
-  the first iteration's compile included) and timing["iteration_s"] the median iteration."""
+  the first iteration's compile included) and timing["iteration_s"] the median iteration.
+  on_iteration(it, metrics) sees every iteration's host metrics (e.g. response length)."""
   state = trainer.init_state(jax.tree.map(jnp.copy, params),
                              rng.key(config.seed, "rl") if seed is None else
                              jax.random.key(seed))
@@ -211,6 +213,8 @@ def ppo_with_curve(trainer: ppo_lib.PPOTrainer, params, *, task,
       start = time.perf_counter()
       state, metrics = trainer.iteration(state, next(prompts))  # Host floats: synchronous.
       times.append(time.perf_counter() - start)
+      if on_iteration is not None:
+        on_iteration(it, metrics)
       if evaluate is not None and _due(it, eval_every, last):
         point = {"step": it, "rm_score": metrics["rm_score"], "train_kl": metrics["kl"],
                  "kl_coef": metrics["kl_coef"]}
