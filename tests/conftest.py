@@ -28,6 +28,23 @@ SHARED_DIR = REPO_ROOT.parent / "shared"
 HH_RLHF_PATH = SHARED_DIR / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 
 
+# The slowest test files (pipelines, subprocess meshes and hosts, reproductions), longest first,
+# then every other file in its usual order. pytest.ini hands whole files to two workers in
+# collection order; a slow file left to the end keeps one worker busy while the other idles.
+SLOW_FILES_FIRST = (
+    "test_benchmark_scripts.py", "test_repro_frontier.py", "test_hf_pipeline.py",
+    "test_multihost.py", "test_mesh_presets.py", "test_preference_training.py",
+    "test_colabs.py", "test_online_dpo.py", "test_online_rl.py", "test_overoptimization.py",
+    "test_packed_pairs.py", "test_models.py", "test_repro_critic_free.py", "test_sampling.py",
+    "test_quickstart.py", "test_lora.py", "test_hf_export.py", "test_packed_rollouts.py",
+    "test_repro_grpo_variants.py", "test_repro_online_dpo.py", "test_arithmetic_world.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable: files stay whole.
+
+
 @pytest.fixture(scope="session")
 def hh_rlhf_path():
   if not HH_RLHF_PATH.exists():
