@@ -31,8 +31,9 @@ p90 ~155, ~4% of the rows reaching 256); see its docstring.
          batch otherwise; the fixed-batch sampler is measured too ("ours_fixed_batch"), and,
          when config.ppo.packing exists, continuous batching with the scoring passes and the
          update on packed rollouts ("ours_slots_packed", the headline; data.pack_rollouts:
-         no padding columns, the LM head only at response tokens). --variants times a
-         subset.
+         no padding columns, the LM head only at response tokens), with
+         ("slots_packed_kl") and without ("slots_packed") the reference pass. --variants
+         times a subset.
   TRL    trl.GRPOTrainer (transformers generate, no vLLM), float32 on the CPU, per_device_
          train_batch_size = --micro-batch, gradient_accumulation_steps = 128 / micro-batch, so
          one generation batch of 128 is one optimizer step; min_new_tokens through
@@ -42,8 +43,10 @@ p90 ~155, ~4% of the rows reaching 256); see its docstring.
          the two sides alternate: TRL warm-up, ours, TRL, ours, TRL, ...
 
 GRPO settings matched to TRL 1.16's defaults: beta = 0 (no KL term; ours kl_coef = 0; TRL then
-loads no reference model, while our iteration still computes the reference log-probs, as the
-library always does), loss_type "dapo" = our loss_aggregation "token_mean", scale_rewards
+loads no reference model, and ours runs no reference pass either, config.ppo.monitor_kl=False,
+except in the variant "slots_packed_kl", which keeps it for the logged KL, the library's
+default); one update per iteration, so both sides take the update's own log-probs as the old
+ones (no separate pass: ppo.log_prob_passes); loss_type "dapo" = our loss_aggregation "token_mean", scale_rewards
 "group" = grpo_std_normalize (sample std, ddof 1; eps 1e-4 theirs, 1e-6 ours), epsilon 0.2,
 num_iterations 1 = epochs 1, no truncation masking, no missing-EOS penalty; AdamW lr 1e-6,
 betas (0.9, 0.999), eps 1e-8, weight decay 0, gradient clipping at norm 1, constant lr. With
@@ -235,8 +238,21 @@ def our_side(args, module, params, prompts):
   task = task_lib.Task(tokenizer=None, tokenize_config=tok, vocab_size=module.cfg.vocab_size)
   placed = parallel.place_params(params, parallel.param_shardings(
       module, mesh, config.sharding, prompts[:1], np.ones_like(prompts[:1])))
-  trainer, trainable = ppo.make_trainer(config, task, mesh, policy=(module, placed))
-  holder = {"state": trainer.init_state(trainable, jax.random.key(0))}
+  trainers = {}
+
+  def trainer_for(monitor_kl):
+    """A trainer (and its state) per config.ppo.monitor_kl: log_prob_passes is fixed at
+    construction."""
+    if monitor_kl not in trainers:
+      cfg = ml_collections.ConfigDict(config.to_dict())
+      if "monitor_kl" in cfg.ppo:
+        cfg.ppo.monitor_kl = monitor_kl
+      trainer, trainable = ppo.make_trainer(cfg, task, mesh, policy=(module, placed))
+      trainers[monitor_kl] = (trainer, {"state": trainer.init_state(trainable,
+                                                                    jax.random.key(0))})
+    return trainers[monitor_kl]
+
+  trainer, _ = trainer_for(False)
   rows = np.repeat(prompts, args.group, axis=0)  # Group-major, as ppo.prompt_iterator.
   ids, mask = parallel.distributed.shard_global((rows, np.ones_like(rows)), mesh)
 
@@ -248,14 +264,16 @@ def our_side(args, module, params, prompts):
   fixed = (dataclasses.replace(trainer.sampling_cfg, slots=None) if has_slots
            else trainer.sampling_cfg)
   has_packing = "packing" in config.ppo
-  variants = {"fixed_batch": (fixed, False)}
+  variants = {"fixed_batch": (fixed, False, False)}
   if args.slots and has_slots:
-    variants["slots"] = (dataclasses.replace(fixed, slots=args.slots), False)
+    variants["slots"] = (dataclasses.replace(fixed, slots=args.slots), False, False)
     if has_packing:
-      variants["slots_packed"] = (variants["slots"][0], True)
+      variants["slots_packed"] = (variants["slots"][0], True, False)
+      variants["slots_packed_kl"] = (variants["slots"][0], True, True)
 
   def make_run(variant):
-    scfg, packed = variant
+    scfg, packed, monitor_kl = variant
+    trainer, holder = trainer_for(monitor_kl)
     def run():
       trainer.sampling_cfg = scfg  # A static argument of generate: one program per variant.
       if has_packing:  # Read by host_iteration at each call.
@@ -283,8 +301,15 @@ def our_side(args, module, params, prompts):
   unknown = sorted(set(wanted) - set(variants))
   if unknown:
     raise SystemExit(f"--variants: {unknown} not available (have {sorted(variants)}; "
-                     "slots and slots_packed need --slots)")
-  return {name: make_run(variants[name]) for name in wanted}, info
+                     "the slots variants need --slots)")
+  runs = {name: make_run(variants[name]) for name in wanted}
+  # Which scoring forward passes each variant ran (ppo.log_prob_passes, where this rlhf_jax
+  # has it): old log-probs (else the update's own) and reference log-probs (else no KL).
+  info["scoring_passes"] = {
+      name: {"old_logp": getattr(trainer_for(variants[name][2])[0], "old_pass", True),
+             "ref_logp": getattr(trainer_for(variants[name][2])[0], "ref_pass", True)}
+      for name in wanted}
+  return runs, info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,7 +449,8 @@ def parse_args():
   parser.add_argument("--no-trl", action="store_true", help="our side only")
   parser.add_argument("--variants", default="",
                       help="comma-separated subset of our variants to time (fixed_batch, "
-                           "slots, slots_packed); default all that --slots allows")
+                           "slots, slots_packed, slots_packed_kl); default all that --slots "
+                           "allows")
   parser.add_argument("--trl-continuous-batching", action="store_true",
                       help="TRL's use_transformers_continuous_batching (off by default, as TRL)")
   parser.add_argument("--torch-threads", type=int, default=2)

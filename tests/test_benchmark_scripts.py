@@ -95,8 +95,9 @@ def test_gpu_script_tiny_cpu_mode():
 def test_rl_iteration_quick_our_side():
   """CI installs no TRL (benchmarks/requirements.txt): --no-trl still runs our GRPO iteration
   on the long-tailed policy, as a fixed batch with padded updates and with continuous batching
-  and packed updates, and checks the rewired weights against transformers."""
-  variants = ["fixed_batch", "slots_packed"]
+  and packed updates (with and without the reference pass), and checks the rewired weights
+  against transformers."""
+  variants = ["fixed_batch", "slots_packed", "slots_packed_kl"]
   out = _json_lines(run_python(
       ["benchmarks/rl_iteration.py", "--quick", "--no-trl", "--n-layers", "1", "--slots", "4",
        "--variants", ",".join(variants)], timeout=600))
@@ -109,6 +110,11 @@ def test_rl_iteration_quick_our_side():
   assert r["ours"] == "ours_slots_packed" and "ours_slots" not in r
   assert 0 < r["ours_slots_packed"]["packed_real_token_fraction"] <= 1
   assert "packed_real_token_fraction" not in r["ours_fixed_batch"]
+  # One update per iteration: the old log-probs are the update's own on every variant; the
+  # reference pass runs only where the KL is monitored (TRL at beta 0 runs none).
+  assert r["scoring_passes"] == {"fixed_batch": {"old_logp": False, "ref_logp": False},
+                                 "slots_packed": {"old_logp": False, "ref_logp": False},
+                                 "slots_packed_kl": {"old_logp": False, "ref_logp": True}}
   for name in variants:
     s = r[f"ours_{name}"]
     assert len(s["rounds_s"]) == 1 and s["seconds"] > 0 and s["first_call_s"] > 0

@@ -102,16 +102,18 @@ def unpack_responses(entries: jax.Array, source: jax.Array, shape: tuple[int, ..
 
 
 def score_rollout(policy_module, value_module, reward_module, *, critic, params, ref_params,
-                  rm_params, prompt_ids, prompt_mask, samples, cfg, packed=None):
+                  rm_params, prompt_ids, prompt_mask, samples, cfg, packed=None,
+                  old: bool = True, ref: bool = True):
   """Old and reference log-probs, values and reward-model scores of one rollout.
 
   The old log-probs are recomputed by a full forward pass at the sampling temperature (not
   taken from the KV-cache decode): in bfloat16 the two differ by ~1e-2, which would start
   every PPO ratio away from 1. Returns [B, N] float32 old_logp, ref_logp, values (zeros for the
   critic-free algorithms) and [B] rm_score = ensemble mean − cfg.ensemble_std_coef · std (zeros
-  when the reward comes from elsewhere). With `packed` (data.pack_rollouts of these rollouts,
-  one split) every forward pass runs on the packed rows instead of the padded ones, with the
-  same results.
+  when the reward comes from elsewhere). Without `old` / `ref` (log_prob_passes: nothing
+  reads them before the update) that pass is not run and its key is absent. With `packed`
+  (data.pack_rollouts of these rollouts, one split) every forward pass runs on the packed rows
+  instead of the padded ones, with the same results.
   """
   policy = models.build_model(policy_module.cfg, "policy")
   shape = samples.tokens.shape
@@ -136,35 +138,57 @@ def score_rollout(policy_module, value_module, reward_module, *, critic, params,
     values = None if values is None else unpack(values)
     rm_layout = {**layout, "head_columns": packed.get("last_column")}  # Absent without an RM.
     unpack_rm = jax.vmap(lambda r: unpack_responses(r, packed["last_source"], shape[:1]))
-  old_logp, ref_logp = logp_of(params["policy"]), logp_of(ref_params)
-  values = jnp.zeros(shape, jnp.float32) if values is None else values
+  scored = {}
+  if old:
+    scored["old_logp"] = logp_of(params["policy"])
+  if ref:
+    scored["ref_logp"] = logp_of(ref_params)
+  scored["values"] = jnp.zeros(shape, jnp.float32) if values is None else values
   if rm_params is not None:
     r = unpack_rm(ensemble_rewards(reward_module, rm_params, ids, mask, **rm_layout))  # [k, B]
-    rm_score = jnp.mean(r, 0) - cfg.ensemble_std_coef * jnp.std(r, 0)
+    scored["rm_score"] = jnp.mean(r, 0) - cfg.ensemble_std_coef * jnp.std(r, 0)
   else:
-    rm_score = jnp.zeros(shape[:1], jnp.float32)
-  return {"old_logp": old_logp, "ref_logp": ref_logp, "values": values, "rm_score": rm_score}
+    scored["rm_score"] = jnp.zeros(shape[:1], jnp.float32)
+  return scored
+
+
+def log_prob_passes(cfg, updates_per_iter: int) -> tuple[bool, bool]:
+  """(old, ref): whether the scoring pass computes the old and the reference log-probs.
+
+  old: not with one update per iteration (epochs x minibatches = 1) unless the KL is in the
+  reward (read before the update): the policy has not moved since sampling, so the update's
+  own log-probs, stop-gradient, are the old ones (ρ = 1 exactly, as TRL's GRPOTrainer with
+  num_iterations = 1); the rollout KL is then measured in the update (metric rollout_kl).
+  ref: not when nothing reads the reference, i.e. kl_coef = 0 under the fixed controller and
+  config.ppo.monitor_kl = False (TRL at beta = 0 loads no reference); no KL is logged then.
+  """
+  ref = cfg.monitor_kl or cfg.kl_coef > 0 or cfg.kl_controller != "fixed"
+  old = updates_per_iter > 1 or (cfg.kl_in_reward and ref)
+  return old, ref
 
 
 def compute_advantages(batch, kl_coef, cfg):
-  """Token-level advantages and returns [B, N] and the per-token KL, for cfg.algorithm."""
+  """Token-level advantages and returns [B, N] and the per-token KL (None unless the batch
+  holds both the old and the reference log-probs: log_prob_passes), for cfg.algorithm."""
   mask = batch["response_mask"].astype(jnp.float32)
-  kl = jnp.where(mask > 0, objectives.kl_penalty(batch["old_logp"], batch["ref_logp"],
-                                                 cfg.kl_estimator), 0.0)
+  kl = None
+  if "old_logp" in batch and "ref_logp" in batch:
+    kl = jnp.where(mask > 0, objectives.kl_penalty(batch["old_logp"], batch["ref_logp"],
+                                                   cfg.kl_estimator), 0.0)
   score = batch["score"]
   if cfg.algorithm == "ppo":
-    if cfg.kl_in_reward:
+    if cfg.kl_in_reward and kl is not None:
       rewards, _ = objectives.shape_rewards(score, batch["old_logp"], batch["ref_logp"], mask,
                                             kl_coef=kl_coef, kind=cfg.kl_estimator)
-    else:
-      rewards, _ = objectives.shape_rewards(score, batch["old_logp"], batch["ref_logp"], mask,
-                                            kl_coef=0.0, kind=cfg.kl_estimator)
+    else:  # No KL term: the score at the last real token only.
+      zeros = jnp.zeros_like(mask)
+      rewards, _ = objectives.shape_rewards(score, zeros, zeros, mask, kl_coef=0.0)
     if cfg.whiten_rewards:
       rewards = objectives.masked_whiten(rewards, mask, shift_mean=False)
     adv, returns = objectives.gae(rewards, batch["values"], mask, gamma=cfg.gamma, lam=cfg.lam)
     adv = objectives.masked_whiten(adv, mask)  # 0 off the mask.
   else:
-    if cfg.algorithm == "rloo" and cfg.kl_in_reward:  # Sequence-level KL in the reward.
+    if cfg.algorithm == "rloo" and cfg.kl_in_reward and kl is not None:  # Sequence KL.
       score = score - kl_coef * jnp.sum(kl, axis=1)
     seq_adv = (objectives.rloo_advantages(score, cfg.group_size) if cfg.algorithm == "rloo"
                else objectives.group_advantages(score, cfg.group_size,
@@ -199,8 +223,10 @@ def ppo_loss_fn(policy_module, value_module, cfg, prompt_len: int):
     rmask = batch["response_mask"].astype(jnp.float32) * batch["loss_weight"][:, None]
     # Every per-token term is reduced the same way (config.ppo.loss_aggregation).
     agg = dict(aggregation=cfg.loss_aggregation, max_len=n)
+    # Without old log-probs (log_prob_passes: one update per iteration) the update's own are
+    # the old ones; policy_loss stops their gradient, so ρ = 1 with gradient ∇logp.
     pg_loss, pg_metrics = objectives.policy_loss(
-        logp, batch["old_logp"], batch["advantages"], rmask, clip_eps=cfg.clip_eps,
+        logp, batch.get("old_logp", logp), batch["advantages"], rmask, clip_eps=cfg.clip_eps,
         clip_eps_high=cfg.clip_eps_high, **agg)
     ent = objectives.entropy_bonus(entropy, rmask, **agg)
     loss = pg_loss - cfg.ent_coef * ent
@@ -211,22 +237,31 @@ def ppo_loss_fn(policy_module, value_module, cfg, prompt_len: int):
                                                 clip_eps=cfg.vf_clip)
       loss = loss + cfg.vf_coef * v_loss
       metrics.update(value_loss=v_loss, **{f"value/{k}": x for k, x in v_metrics.items()})
-    if not cfg.kl_in_reward:  # GRPO-style: KL to the reference in the loss.
+    if not cfg.kl_in_reward and "ref_logp" in batch:  # GRPO-style: KL in the loss.
       kl = objectives.aggregate_loss(objectives.kl_penalty(logp, batch["ref_logp"], "k3"),
                                      rmask, **agg)
       loss = loss + kl_coef * kl
       metrics["kl_loss"] = kl
+    if "old_logp" not in batch and "ref_logp" in batch:
+      # The rollout's KL to the reference (what compute_advantages measures from the old
+      # log-probs): the mean over rows of each row's summed per-token estimate. Micro-batches
+      # hold equal numbers of rollouts, so the step's average of them is the batch mean.
+      token_kl = objectives.kl_penalty(jax.lax.stop_gradient(logp), batch["ref_logp"],
+                                       cfg.kl_estimator)
+      metrics["rollout_kl"] = jnp.mean(jnp.sum(
+          jnp.where(batch["response_mask"] > 0, token_kl, 0.0), axis=1))
     return loss, (jnp.ones((), jnp.float32), metrics)
   return loss_fn
 
 
 @jax.jit
 def _take_rows(batch, kl, rows, weights):
-  """The update batch and KL at `rows` (dynamic sampling's choice), the loss weight times
-  `weights` (0 on filler rows). Every process passes the same host rows: they are replicated."""
-  picked = jax.tree.map(lambda x: x[rows], batch)
+  """The update batch and KL (or None) at `rows` (dynamic sampling's choice), the loss weight
+  times `weights` (0 on filler rows). Every process passes the same host rows: they are
+  replicated."""
+  picked, kl = jax.tree.map(lambda x: x[rows], (batch, kl))
   picked["loss_weight"] = picked["loss_weight"] * weights
-  return picked, kl[rows]
+  return picked, kl
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,10 +288,12 @@ class PPOTrainer:
     tok = task.tokenize_config
     self.prompt_len = tok.max_prompt_len
     self.sampling_cfg = sampling.sampling_config(self.cfg, tok.eos_id, tok.pad_id)
+    self.old_pass, self.ref_pass = log_prob_passes(self.cfg, self.updates_per_iter)
     self._score = jax.jit(lambda params, ref, rm, pi, pm, s, packed: score_rollout(
         policy_module, value_module, reward_module, critic=self.critic,
         params=self.effective(params, ref), ref_params=ref, rm_params=rm, prompt_ids=pi,
-        prompt_mask=pm, samples=s, cfg=self.cfg, packed=packed))
+        prompt_mask=pm, samples=s, cfg=self.cfg, packed=packed, old=self.old_pass,
+        ref=self.ref_pass))
     # Packed rollouts (config.ppo.packing): rows of pack_length tokens, each batch device's
     # (and each micro-batch's) rollouts in rows of their own.
     self.batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -365,21 +402,35 @@ class PPOTrainer:
     if cfg.reward_clip > 0:
       score = jnp.clip(score, -cfg.reward_clip, cfg.reward_clip)
     batch = {"prompt_ids": ids, "prompt_mask": mask, "tokens": samples.tokens,
-             "response_mask": samples.response_mask, "old_logp": scored["old_logp"],
-             "ref_logp": scored["ref_logp"], "values": scored["values"], "score": score,
-             "loss_weight": (samples.finished.astype(jnp.float32) if cfg.mask_truncated
-                             else jnp.ones_like(score))}
+             "response_mask": samples.response_mask, "values": scored["values"],
+             "score": score, "loss_weight": (samples.finished.astype(jnp.float32)
+                                             if cfg.mask_truncated else jnp.ones_like(score)),
+             **{k: scored[k] for k in ("old_logp", "ref_logp") if k in scored}}
     adv, returns, kl = compute_advantages(batch, kl_coef, cfg)
     return {**batch, "advantages": adv, "returns": returns}, kl
 
-  def _next_kl_coef(self, kl_coef, kl, target=None):
-    """KL controller on the observed mean summed per-sequence KL of the rollout. `target`
-    (traced, so a vmap can sweep it: train.sweep) overrides cfg.kl_target."""
+  @staticmethod
+  def _rollout_kl(kl, metrics):
+    """The rollout's mean summed per-sequence KL to the reference: from the per-token `kl`
+    [B, N] of the scoring pass, or, when that pass had no old log-probs (kl is None), the
+    update's rollout_kl metric (popped from `metrics`, averaged over the updates); None
+    without a reference pass (log_prob_passes)."""
+    if kl is not None:
+      metrics.pop("rollout_kl", None)
+      return jnp.mean(jnp.sum(kl, axis=1))
+    return metrics.pop("rollout_kl", None)
+
+  def _next_kl_coef(self, kl_coef, seq_kl, target=None):
+    """KL controller on the observed KL of the rollout (_rollout_kl; None leaves the
+    coefficient as it is). `target` (traced, so a vmap can sweep it: train.sweep) overrides
+    cfg.kl_target."""
     cfg = self.cfg
-    seq_kl = jnp.mean(jnp.sum(kl, axis=1))
+    if seq_kl is None:
+      return kl_coef
     target = cfg.kl_target if target is None else target
-    return seq_kl, objectives.next_kl_coef(cfg.kl_controller, kl_coef, seq_kl, kl.shape[0],
-                                           target=target, horizon=cfg.kl_horizon)
+    rows = cfg.prompts_per_iter * cfg.group_size  # Rollouts per update batch.
+    return objectives.next_kl_coef(cfg.kl_controller, kl_coef, seq_kl, rows, target=target,
+                                   horizon=cfg.kl_horizon)
 
   @staticmethod
   def _rollout_key(state):
@@ -405,7 +456,8 @@ class PPOTrainer:
     scored = score_rollout(self.policy_module, self.value_module, self.reward_module,
                            critic=self.critic, params=self.effective(state["params"], ref_params),
                            ref_params=ref_params, rm_params=rm_params,
-                           prompt_ids=ids, prompt_mask=mask, samples=samples, cfg=cfg)
+                           prompt_ids=ids, prompt_mask=mask, samples=samples, cfg=cfg,
+                           old=self.old_pass, ref=self.ref_pass)
     batch, kl = self._rollout_batch(state["kl_coef"], ids, mask, samples, scored,
                                     scored["rm_score"])
     # EPOCHS x MINIBATCHES (scans)
@@ -419,9 +471,10 @@ class PPOTrainer:
       return jax.lax.scan(update, state, minibatches)
 
     state, metrics = jax.lax.scan(epoch, state, jnp.arange(cfg.epochs))
-    # KL CONTROLLER (a vmapped sweep gives each member its own target)
-    seq_kl, state["kl_coef"] = self._next_kl_coef(state["kl_coef"], kl, kl_target)
     metrics = {k: (jnp.max(v) if k == "skipped" else jnp.mean(v)) for k, v in metrics.items()}
+    # KL CONTROLLER (a vmapped sweep gives each member its own target)
+    seq_kl = self._rollout_kl(kl, metrics)
+    state["kl_coef"] = self._next_kl_coef(state["kl_coef"], seq_kl, kl_target)
     return state, {"metrics": metrics, "samples": samples, "batch": batch,
                    "rm_score": scored["rm_score"], "kl": seq_kl}
 
@@ -484,10 +537,12 @@ class PPOTrainer:
           minibatch.update(self.pack(rows_of, cfg.optim.accum_steps, last_columns=False))
         state, m = self._update(state, minibatch)
         metrics.append(m)
-    seq_kl, new_coef = self._kl_coef(state["kl_coef"], kl)
-    state["kl_coef"] = jax.device_put(new_coef, state["kl_coef"].sharding)
     metrics = {k: (np.max if k == "skipped" else np.mean)([float(m[k]) for m in metrics])
                for k in metrics[0]}
+    seq_kl = self._rollout_kl(kl, metrics)
+    if seq_kl is not None:
+      state["kl_coef"] = jax.device_put(self._kl_coef(state["kl_coef"], seq_kl),
+                                        state["kl_coef"].sharding)
     metrics.update(picked)
     return state, {"metrics": metrics, "samples": samples, "batch": batch,
                    "rm_score": scored["rm_score"], "kl": seq_kl, "gold": gold_scores}
@@ -518,13 +573,15 @@ class PPOTrainer:
     metrics = {k: float(v) for k, v in out["metrics"].items()}
     metrics.update({
         "score": float(np.mean(batch["score"])), "rm_score": float(np.mean(rm_score)),
-        "kl": float(out["kl"]), "kl_coef": float(state["kl_coef"]),
+        "kl_coef": float(state["kl_coef"]),
         "response_length": float(lens.mean()),
         "no_eos_fraction": float(1 - np.asarray(samples.finished).mean()),
         "distinct_1": eval_lib.distinct_n(responses, 1),
         "distinct_2": eval_lib.distinct_n(responses, 2),
         # Tokens of the iteration's sequences (prompts + sampled responses), for tokens/s.
         "tokens": float(np.sum(prompts["mask"]) + lens.sum())})
+    if out["kl"] is not None:  # None without a reference pass (log_prob_passes).
+      metrics["kl"] = float(out["kl"])
     if cfg.algorithm == "ppo":
       metrics["value/explained_variance"] = float(objectives.explained_variance(
           batch["values"], batch["returns"], batch["response_mask"]))

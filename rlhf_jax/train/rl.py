@@ -34,6 +34,10 @@ def default_config() -> ml_collections.ConfigDict:
   runs the scoring passes and updates on the rollouts packed whole into rows of
   packing.length tokens (0 = max_prompt_len + max_new_tokens; data.pack_rollouts), not padded
   to max_new_tokens: the same losses and gradients, at the cost of the real tokens only.
+  monitor_kl: run the reference pass for the logged KL even when no loss or reward term reads
+  it (kl_coef = 0 under the fixed controller); False skips that forward pass then, as TRL does
+  at beta = 0, and no `kl` is logged (ppo.log_prob_passes). With one update per iteration the
+  old log-probs are always the update's own, not a separate pass (the same ratio, exactly 1).
 
   GRPO variants (train/grpo_variants.py): grpo_variant = "grpo" | "dr_grpo" | "dapo" sets the
   keys of that recipe (advantage std, loss_aggregation, KL, clip-higher, dynamic sampling,
@@ -63,7 +67,7 @@ def default_config() -> ml_collections.ConfigDict:
       grpo_variant="", dynamic_sampling=False, oversample=1, overlong_cache=0,
       reward_source="model", grader="", ensemble_std_coef=0.0, reward_clip=0.0,
       missing_eos_penalty=1.0, length_penalty=0.0, value="separate", value_init="reward",
-      eval_every=10, fused=False, slots=0, init_hf_dir="", reward_hf_dir="",
+      eval_every=10, fused=False, slots=0, init_hf_dir="", reward_hf_dir="", monitor_kl=True,
       optim=optim.default_optim_config(),
       packing=ml_collections.ConfigDict(dict(enabled=False, length=0))))
   c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 1.41e-5, 0, "constant"

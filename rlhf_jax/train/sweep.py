@@ -167,8 +167,10 @@ def ppo_sweep(trainer: ppo_lib.PPOTrainer, params, *, task, config: ml_collectio
       if kl_targets is not None:
         point["kl_target"] = float(kl_targets[i])
       if out is not None:
-        point.update(rm_score=float(np.mean(out["rm_score"][i])), train_kl=float(out["kl"][i]),
+        point.update(rm_score=float(np.mean(out["rm_score"][i])),
                      kl_coef=float(out["kl_coef"][i]))
+        if out["kl"] is not None:  # None without a reference pass (config.ppo.monitor_kl).
+          point["train_kl"] = float(out["kl"][i])
       if evaluate is not None:
         point.update(evaluate(trainer.merged_policy(member(state["params"], i))))
       curves[i].append(point)
@@ -216,8 +218,9 @@ def ppo_with_curve(trainer: ppo_lib.PPOTrainer, params, *, task,
       if on_iteration is not None:
         on_iteration(it, metrics)
       if evaluate is not None and _due(it, eval_every, last):
-        point = {"step": it, "rm_score": metrics["rm_score"], "train_kl": metrics["kl"],
-                 "kl_coef": metrics["kl_coef"]}
+        point = {"step": it, "rm_score": metrics["rm_score"], "kl_coef": metrics["kl_coef"]}
+        if "kl" in metrics:  # Absent without a reference pass (config.ppo.monitor_kl).
+          point["train_kl"] = metrics["kl"]
         if "gold_reward" in metrics:
           point["train_gold_reward"] = metrics["gold_reward"]
         curve.append({**point, **evaluate(trainer.merged_policy(state["params"]))})
