@@ -46,9 +46,9 @@ GRPO settings matched to TRL 1.16's defaults: beta = 0 (no KL term; ours kl_coef
 loads no reference model, and ours runs no reference pass either, config.ppo.monitor_kl=False,
 except in the variant "slots_packed_kl", which keeps it for the logged KL, the library's
 default); one update per iteration, so both sides take the update's own log-probs as the old
-ones (no separate pass: ppo.log_prob_passes); loss_type "dapo" = our loss_aggregation "token_mean", scale_rewards
-"group" = grpo_std_normalize (sample std, ddof 1; eps 1e-4 theirs, 1e-6 ours), epsilon 0.2,
-num_iterations 1 = epochs 1, no truncation masking, no missing-EOS penalty; AdamW lr 1e-6,
+ones (no separate pass: ppo.log_prob_passes); loss_type "dapo" = our loss_aggregation
+"token_mean", scale_rewards "group" = grpo_std_normalize (sample std, ddof 1; eps 1e-4 theirs,
+1e-6 ours), epsilon 0.2, num_iterations 1 = epochs 1, no truncation masking, no missing-EOS penalty; AdamW lr 1e-6,
 betas (0.9, 0.999), eps 1e-8, weight decay 0, gradient clipping at norm 1, constant lr. With
 accumulation, TRL divides by the tokens of the whole generation batch and ours averages the
 micro-batches' token means (the same cost; with --micro-batch 128 the same loss).
@@ -305,10 +305,9 @@ def our_side(args, module, params, prompts):
   runs = {name: make_run(variants[name]) for name in wanted}
   # Which scoring forward passes each variant ran (ppo.log_prob_passes, where this rlhf_jax
   # has it): old log-probs (else the update's own) and reference log-probs (else no KL).
-  info["scoring_passes"] = {
-      name: {"old_logp": getattr(trainer_for(variants[name][2])[0], "old_pass", True),
-             "ref_logp": getattr(trainer_for(variants[name][2])[0], "ref_pass", True)}
-      for name in wanted}
+  passes = lambda trainer: {"old_logp": getattr(trainer, "old_pass", True),
+                            "ref_logp": getattr(trainer, "ref_pass", True)}
+  info["scoring_passes"] = {name: passes(trainer_for(variants[name][2])[0]) for name in wanted}
   return runs, info
 
 

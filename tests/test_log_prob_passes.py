@@ -28,6 +28,8 @@ def test_log_prob_passes():
   assert passes(updates=2) == (True, True)  # The policy moves between updates.
   assert passes(kl_in_reward=True) == (True, True)  # The reward reads the rollout's KL.
   assert passes(kl_coef=0.0) == (False, True)  # monitor_kl: the KL is still logged.
+  # A zero-weight KL in the reward is not read before the update: the update measures it.
+  assert passes(kl_coef=0.0, kl_in_reward=True) == (False, True)
   assert passes(kl_coef=0.0, monitor_kl=False) == (False, False)  # TRL at beta = 0.
   assert passes(kl_coef=0.0, monitor_kl=False, updates=2) == (True, False)
   # Nothing reads the KL in the reward at coefficient 0: no old pass is needed for it.

@@ -155,16 +155,16 @@ def score_rollout(policy_module, value_module, reward_module, *, critic, params,
 def log_prob_passes(cfg, updates_per_iter: int) -> tuple[bool, bool]:
   """(old, ref): whether the scoring pass computes the old and the reference log-probs.
 
-  old: not with one update per iteration (epochs x minibatches = 1) unless the KL is in the
-  reward (read before the update): the policy has not moved since sampling, so the update's
+  old: not with one update per iteration (epochs x minibatches = 1) unless the reward reads
+  the KL (kl_in_reward with a coefficient that is or can become nonzero): the policy has not moved since sampling, so the update's
   own log-probs, stop-gradient, are the old ones (ρ = 1 exactly, as TRL's GRPOTrainer with
   num_iterations = 1); the rollout KL is then measured in the update (metric rollout_kl).
   ref: not when nothing reads the reference, i.e. kl_coef = 0 under the fixed controller and
   config.ppo.monitor_kl = False (TRL at beta = 0 loads no reference); no KL is logged then.
   """
-  ref = cfg.monitor_kl or cfg.kl_coef > 0 or cfg.kl_controller != "fixed"
-  old = updates_per_iter > 1 or (cfg.kl_in_reward and ref)
-  return old, ref
+  kl_weighted = cfg.kl_coef > 0 or cfg.kl_controller != "fixed"
+  old = updates_per_iter > 1 or (cfg.kl_in_reward and kl_weighted)
+  return old, cfg.monitor_kl or kl_weighted
 
 
 def compute_advantages(batch, kl_coef, cfg):
@@ -415,8 +415,7 @@ class PPOTrainer:
     [B, N] of the scoring pass, or, when that pass had no old log-probs (kl is None), the
     update's rollout_kl metric (popped from `metrics`, averaged over the updates); None
     without a reference pass (log_prob_passes)."""
-    if kl is not None:
-      metrics.pop("rollout_kl", None)
+    if kl is not None:  # Then the update measured none (the batch had old log-probs).
       return jnp.mean(jnp.sum(kl, axis=1))
     return metrics.pop("rollout_kl", None)
 
