@@ -49,15 +49,18 @@ def test_matches_dot_product_attention(kv_heads, query_block):
     got = causal_attention(q, k, v, lay.bias, scale, jnp.float32, query_block=query_block)
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=2e-5,
                                rtol=2e-5, err_msg=name)
-    # Gradients too (the training step differentiates through the blocks), with the zero
-    # cotangent that masked losses give padding rows.
+    # Gradients too (the training step differentiates through the blocks' hand-written
+    # backward pass), with the zero cotangent that masked losses give padding rows; the
+    # bias's gradient as well, though nothing differentiates a layout.
     g = jax.random.normal(jax.random.key(1), want.shape) * real[:, :, None, None]
-    grad = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * g), argnums=(0, 1, 2))(q, k, v)
-    for a, e in zip(grad(lambda *a: causal_attention(*a, lay.bias, scale, jnp.float32,
-                                                     query_block=query_block)),
-                    grad(lambda *a: jax.nn.dot_product_attention(*a, bias=lay.bias,
-                                                                 scale=scale))):
-      np.testing.assert_allclose(a, e, atol=5e-5, rtol=5e-5, err_msg=name)
+    grad = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * g), argnums=(0, 1, 2, 3))(
+        q, k, v, lay.bias)
+    ours = lambda q, k, v, bias: causal_attention(q, k, v, bias, scale, jnp.float32,
+                                                  query_block=query_block)
+    theirs = lambda q, k, v, bias: jax.nn.dot_product_attention(q, k, v, bias=bias,
+                                                                scale=scale)
+    for a, e, arg in zip(grad(ours), grad(theirs), "qkvb"):
+      np.testing.assert_allclose(a, e, atol=5e-5, rtol=5e-5, err_msg=f"{name} d{arg}")
 
 
 def test_bfloat16_compute_matches():
