@@ -19,16 +19,33 @@ def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> floa
   return statistics.median(times)
 
 
-def matmul_peak(sizes=(2048, 4096), dtype=jnp.float32, repeats=5) -> dict[str, float]:
-  """Achieved GFLOP/s of a jitted square matmul at each size: this machine's practical peak."""
+def _square_matmuls(sizes, dtype) -> dict[int, Callable[[], Any]]:
+  """A jitted n x n matmul on fixed random operands, per size, ready to call."""
   out = {}
   for n in sizes:
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     f = jax.jit(jnp.matmul)
-    secs = median_seconds(lambda: f(a, b), repeats)
-    out[f"matmul_{n}_gflops"] = 2 * n**3 / secs / 1e9
+    out[n] = lambda f=f, a=a, b=b: f(a, b)
   return out
+
+
+def matmul_peak(sizes=(2048, 4096), dtype=jnp.float32, repeats=5) -> dict[str, float]:
+  """Achieved GFLOP/s of a jitted square matmul at each size: this machine's practical peak."""
+  return {f"matmul_{n}_gflops": 2 * n**3 / median_seconds(fn, repeats) / 1e9
+          for n, fn in _square_matmuls(sizes, dtype).items()}
+
+
+def matmul_peak_meter(sizes=(2048, 4096), dtype=jnp.float32,
+                      repeats=3) -> Callable[[], float]:
+  """matmul_peak's best size as a function to call again next to each timed workload: on a
+  shared VM the speed drifts by tens of percent within minutes, so a peak taken once at the
+  start says little about a step timed ten minutes later."""
+  matmuls = _square_matmuls(sizes, dtype)
+  for fn in matmuls.values():  # Compiled once, here.
+    jax.block_until_ready(fn())
+  return lambda: max(2 * n**3 / median_seconds(fn, repeats, warmup=0) / 1e9
+                     for n, fn in matmuls.items())
 
 
 def compiled_stats(compiled) -> dict[str, float]:
