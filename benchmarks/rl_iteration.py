@@ -48,17 +48,19 @@ except in the variant "slots_packed_kl", which keeps it for the logged KL, the l
 default); one update per iteration, so both sides take the update's own log-probs as the old
 ones (no separate pass: ppo.log_prob_passes); loss_type "dapo" = our loss_aggregation
 "token_mean", scale_rewards "group" = grpo_std_normalize (sample std, ddof 1; eps 1e-4 theirs,
-1e-6 ours), epsilon 0.2, num_iterations 1 = epochs 1, no truncation masking, no missing-EOS penalty; AdamW lr 1e-6,
-betas (0.9, 0.999), eps 1e-8, weight decay 0, gradient clipping at norm 1, constant lr. With
-accumulation, TRL divides by the tokens of the whole generation batch and ours averages the
-micro-batches' token means (the same cost; with --micro-batch 128 the same loss).
+1e-6 ours), epsilon 0.2, num_iterations 1 = epochs 1, no truncation masking, no missing-EOS
+penalty; AdamW lr 1e-6, betas (0.9, 0.999), eps 1e-8, weight decay 0, gradient clipping at norm
+1, constant lr. With accumulation, TRL divides by the tokens of the whole generation batch and
+ours averages the micro-batches' token means (the same cost; with --micro-batch 128 the same
+loss).
 
 Reported per side: median wall seconds per iteration, generated tokens (sum of response
 lengths, EOS included), new tokens/s (generated tokens / iteration seconds), the padding
 fraction of the response columns of the update batch (ours: fixed max_new_tokens columns;
 TRL: padded to the longest completion; ours packed also reports the real-token fraction of the
-packed rows it actually ran, packed_real_token_fraction) and the length distribution; speedup = TRL's median
-seconds / ours. Compile and first-call times are reported apart. Prints one JSON line.
+packed rows it actually ran, packed_real_token_fraction) and the length distribution; speedup =
+TRL's median seconds / ours. Compile and first-call times are reported apart. Prints one JSON
+line.
 """
 import argparse
 import contextlib

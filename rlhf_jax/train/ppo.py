@@ -156,9 +156,10 @@ def log_prob_passes(cfg, updates_per_iter: int) -> tuple[bool, bool]:
   """(old, ref): whether the scoring pass computes the old and the reference log-probs.
 
   old: not with one update per iteration (epochs x minibatches = 1) unless the reward reads
-  the KL (kl_in_reward with a coefficient that is or can become nonzero): the policy has not moved since sampling, so the update's
-  own log-probs, stop-gradient, are the old ones (ρ = 1 exactly, as TRL's GRPOTrainer with
-  num_iterations = 1); the rollout KL is then measured in the update (metric rollout_kl).
+  the KL (kl_in_reward with a coefficient that is or can become nonzero): the policy has not
+  moved since sampling, so the update's own log-probs, stop-gradient, are the old ones (ρ = 1
+  exactly, as TRL's GRPOTrainer with num_iterations = 1); the rollout KL is then measured in
+  the update (metric rollout_kl).
   ref: not when nothing reads the reference, i.e. kl_coef = 0 under the fixed controller and
   config.ppo.monitor_kl = False (TRL at beta = 0 loads no reference); no KL is logged then.
   """
