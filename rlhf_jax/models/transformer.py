@@ -122,6 +122,8 @@ def causal_attention(q, k, v, bias, scale: float, dtype, query_block: int = QUER
   - query blocks: block i attends only keys [0, (i+1)·block), so the all-masked upper
     blocks are never computed (3/4 of the score work at T = 2 blocks, 10/16 at 4). Each
     block sees all its keys at once, so its softmax is exact (no online rescaling);
+  - the heads-major operands are materialised once (_materialized) before the blocks slice
+    them, and the scale is applied to q ([.., D]) rather than to each block's logits;
   - a hand-written backward pass (_block_attention) that makes fewer passes over the
     [.., block, keys] float32 tensors than autodiff of the softmax does.
   Grouped-query heads repeat k/v (the backward pass sums the repeats). A padding query row
@@ -130,24 +132,46 @@ def causal_attention(q, k, v, bias, scale: float, dtype, query_block: int = QUER
   Measured on a busy 2-core CPU, small shape (16 x 256 tokens, 8 heads of 64), attention
   forward + backward alone: 1.21 s -> 0.81 s per layer for the blocks (median of 7,
   interleaved); a packed DPO step (4 x 1024 tokens, benchmarks/packed_pairs.py's workload)
-  9.42 -> 8.04 s for the hand-written backward pass (median of 6, interleaved).
+  9.42 -> 8.04 s for the hand-written backward pass (median of 6, interleaved), then
+  7.41 -> 6.68 s for the materialised operands and pre-scaled q (median of 8, interleaved;
+  the packed reward step 7.52 -> 6.99 s, median of 10).
   """
   b, t, h, d = q.shape
   heads_major = lambda x: x.astype(dtype).transpose(0, 2, 1, 3)
-  q, k, v = heads_major(q), heads_major(k), heads_major(v)
+  q, k, v = heads_major(q * jnp.asarray(scale, q.dtype)), heads_major(k), heads_major(v)
   if k.shape[1] != h:
     k, v = jnp.repeat(k, h // k.shape[1], axis=1), jnp.repeat(v, h // v.shape[1], axis=1)
   blocks = t // query_block if t % query_block == 0 and t >= 2 * query_block else 1
-  return _block_attention(q, k, v, bias, float(scale), blocks).transpose(0, 2, 1, 3)
+  if blocks > 1:
+    q, k, v = _materialized(q), _materialized(k), _materialized(v)
+  return _block_attention(q, k, v, bias, blocks).transpose(0, 2, 1, 3)
 
 
-def _attention_block(q, k, v, bias, scale: float, lo: int, hi: int):
-  """Query rows [lo, hi) of heads-major q over keys [0, hi): (out in q.dtype, float32 weights
-  exp(logits - row max) [.., hi - lo, hi], their row sums [.., hi - lo, 1]). The softmax is
-  normalised after the value product: the division runs on [.., D], not on the weights."""
+@jax.custom_vjp
+def _materialized(x):
+  """x, written once to its own buffer before the query blocks slice it.
+
+  XLA:CPU fuses a cheap producer into every consumer: the transpose and RoPE rotation behind
+  a heads-major key were recomputed inside each block's key-prefix slice (4.5x over at 8
+  blocks) and the cosines with them. lax.optimization_barrier does not stop that (XLA:CPU
+  expands it before fusion); a gather does, as it reads its operand by index, so XLA fuses
+  the producer into the gather once and the blocks slice the gathered buffer. The gather is
+  the identity over the sequence axis; the backward pass passes the cotangent through.
+  """
+  return jnp.take(x, jnp.arange(x.shape[2]), axis=2, unique_indices=True,
+                  indices_are_sorted=True, mode="clip")
+
+
+_materialized.defvjp(lambda x: (_materialized(x), None), lambda _, g: (g,))
+
+
+def _attention_block(q, k, v, bias, lo: int, hi: int):
+  """Query rows [lo, hi) of heads-major, pre-scaled q over keys [0, hi): (out in q.dtype,
+  float32 weights exp(logits - row max) [.., hi - lo, hi], their row sums [.., hi - lo, 1]).
+  The softmax is normalised after the value product: the division runs on [.., D], not on
+  the weights."""
   logits = jnp.einsum("bhtd,bhsd->bhts", q[:, :, lo:hi], k[:, :, :hi],
-                      preferred_element_type=jnp.float32)
-  logits = logits * jnp.float32(scale) + bias[:, :, lo:hi, :hi]
+                      preferred_element_type=jnp.float32) + bias[:, :, lo:hi, :hi]
   weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
   total = jnp.sum(weights, axis=-1, keepdims=True)
   out = jnp.einsum("bhts,bhsd->bhtd", weights.astype(q.dtype), v[:, :, :hi],
@@ -155,21 +179,21 @@ def _attention_block(q, k, v, bias, scale: float, lo: int, hi: int):
   return (out / total).astype(q.dtype), weights, total
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _block_attention(q, k, v, bias, scale: float, blocks: int):
-  """causal_attention's core on heads-major [B, H, T, D] operands, in `blocks` query blocks."""
-  return _block_attention_fwd(q, k, v, bias, scale, blocks)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _block_attention(q, k, v, bias, blocks: int):
+  """causal_attention's core on heads-major [B, H, T, D] operands (q pre-scaled), in
+  `blocks` query blocks."""
+  return _block_attention_fwd(q, k, v, bias, blocks)[0]
 
 
-def _block_attention_fwd(q, k, v, bias, scale, blocks):
+def _block_attention_fwd(q, k, v, bias, blocks):
   size = q.shape[2] // blocks
-  parts = [_attention_block(q, k, v, bias, scale, i * size, (i + 1) * size)
-           for i in range(blocks)]
+  parts = [_attention_block(q, k, v, bias, i * size, (i + 1) * size) for i in range(blocks)]
   out = jnp.concatenate([o for o, _, _ in parts], axis=2) if blocks > 1 else parts[0][0]
   return out, (q, k, v, bias, out, [(w, s) for _, w, s in parts])
 
 
-def _block_attention_bwd(scale, blocks, saved, d_out):
+def _block_attention_bwd(blocks, saved, d_out):
   """The softmax backward as flash attention writes it: with p = w / s and o = p·v,
   d logits = p ∘ (dp - rowsum(d_out ∘ o)), where rowsum(d_out ∘ o) = rowsum(p ∘ dp) is a
   [.., D] reduction instead of a [.., keys] one, and 1/s is folded into d_out ([.., D])."""
@@ -186,9 +210,9 @@ def _block_attention_bwd(scale, blocks, saved, d_out):
     dp = jnp.einsum("bhtd,bhsd->bhts", g_over_total, v[:, :, :hi], preferred_element_type=f32)
     d_logits = weights * (dp - row_dot)
     dbias = dbias.at[:, :, lo:hi, :hi].set(jnp.sum(d_logits, axis=1, keepdims=True))
-    d_scores = (d_logits * f32(scale)).astype(q.dtype)
-    dq.append(jnp.einsum("bhts,bhsd->bhtd", d_scores, k[:, :, :hi], preferred_element_type=f32))
-    dk = dk.at[:, :, :hi].add(jnp.einsum("bhts,bhtd->bhsd", d_scores, q[:, :, lo:hi],
+    d_logits = d_logits.astype(q.dtype)
+    dq.append(jnp.einsum("bhts,bhsd->bhtd", d_logits, k[:, :, :hi], preferred_element_type=f32))
+    dk = dk.at[:, :, :hi].add(jnp.einsum("bhts,bhtd->bhsd", d_logits, q[:, :, lo:hi],
                                          preferred_element_type=f32))
     dv = dv.at[:, :, :hi].add(jnp.einsum("bhts,bhtd->bhsd", weights.astype(q.dtype),
                                          g_over_total, preferred_element_type=f32))
