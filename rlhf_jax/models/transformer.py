@@ -156,10 +156,14 @@ def _materialized(x):
   blocks) and the cosines with them. lax.optimization_barrier does not stop that (XLA:CPU
   expands it before fusion); a gather does, as it reads its operand by index, so XLA fuses
   the producer into the gather once and the blocks slice the gathered buffer. The gather is
-  the identity over the sequence axis; the backward pass passes the cotangent through.
+  the identity over the [B·H] (batch, head) rows: whole [T, D] slices, in the operand's own
+  layout (one over the sequence axis came out sequence-major and needed another transpose).
+  The backward pass passes the cotangent through.
   """
-  return jnp.take(x, jnp.arange(x.shape[2]), axis=2, unique_indices=True,
-                  indices_are_sorted=True, mode="clip")
+  b, h, t, d = x.shape
+  rows = x.reshape(b * h, t, d)
+  return jnp.take(rows, jnp.arange(b * h), axis=0, unique_indices=True,
+                  indices_are_sorted=True, mode="clip").reshape(b, h, t, d)
 
 
 _materialized.defvjp(lambda x: (_materialized(x), None), lambda _, g: (g,))
