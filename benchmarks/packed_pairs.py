@@ -19,8 +19,9 @@ Steps: DPO (sigmoid) with a precomputed reference and with the reference model i
 and the Bradley–Terry reward step. Each prints one JSON line per layout: pairs/s (all batches,
 after a compile and a warm-up pass, median of `repeats` passes), the fraction of computed
 token slots that hold real tokens, XLA cost-analysis FLOPs per step, achieved GFLOP/s and its
-fraction of the matmul peak (same dtype) measured next to the timed passes (before each and
-after the last; the median), also of the peak measured once at the start, the first step's
+fraction of the matmul peak (same dtype) measured next to the timed steps (each step against
+the mean of the peaks taken just before and after it; the median over steps), also of the
+peak measured once at the start, the first step's
 loss and its relative difference from the padded layout's (the layouts must compute the same
 loss), and the speedup over padded. A last line sums up each step: the best packed speedup,
 whether the ≥ 1.5x at equal loss target is met, and whether every layout reaches 0.65 of the
@@ -156,8 +157,10 @@ def token_slots(arrays) -> tuple[int, int]:
 
 def measure(loss_fn, params, batches, *, pairs: int, ref=None, repeats: int, peak) -> dict:
   """Compiles the train step for the batches' shape, then times passes over all batches
-  (`pairs` in all), with the matmul peak (`peak()`, GFLOP/s) taken before each pass and after
-  the last: the median of those is the peak this layout's fraction is reported against."""
+  (`pairs` in all), the matmul peak (`peak()`, GFLOP/s) taken before every timed step and
+  after the last. Each step's fraction of the peak is against the mean of the two peaks
+  taken right around it, and the reported fraction is the median of those: a padded step
+  takes half a minute here, long enough for this VM's speed to drift by tens of percent."""
   tx = optax.adamw(1e-6)
   params = jax.tree.map(jnp.copy, params)  # Each layout donates its own copy.
   state = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
@@ -172,30 +175,37 @@ def measure(loss_fn, params, batches, *, pairs: int, ref=None, repeats: int, pea
   compile_s = time.perf_counter() - t0
   holder = {"state": state, "first_loss": None}
 
-  def one_pass():
-    for b in device_batches:
-      holder["state"], metrics = compiled(holder["state"], b)
-      if holder["first_loss"] is None:
-        holder["first_loss"] = float(metrics["loss"])
+  def run(b):
+    holder["state"], metrics = compiled(holder["state"], b)
+    if holder["first_loss"] is None:
+      holder["first_loss"] = float(metrics["loss"])
     return metrics["loss"]
 
-  jax.block_until_ready(one_pass())  # Warm-up.
-  pass_times, peaks = [], []
-  for _ in range(repeats):
-    peaks.append(peak())
-    pass_times.append(common.median_seconds(one_pass, 1, warmup=0))
-  peaks.append(peak())
-  pass_s, peak_gflops = statistics.median(pass_times), statistics.median(peaks)
+  for b in device_batches:  # Warm-up pass.
+    jax.block_until_ready(run(b))
   flops = common.compiled_stats(compiled)["xla_flops"]
+  pass_times, peaks, fractions = [], [peak()], []
+  for _ in range(repeats):
+    pass_s = 0.0
+    for b in device_batches:
+      start = time.perf_counter()
+      jax.block_until_ready(run(b))
+      step_s = time.perf_counter() - start
+      peaks.append(peak())
+      fractions.append(flops / step_s / 1e9 / statistics.mean(peaks[-2:]))
+      pass_s += step_s
+    pass_times.append(pass_s)
+  pass_s = statistics.median(pass_times)
   real, slots = map(sum, zip(*(token_slots(b) for b in batches)))
-  achieved = flops * len(batches) / pass_s / 1e9
   return {"pairs_per_s": round(pairs / pass_s, 2), "step_s": round(pass_s / len(batches), 5),
           "compile_s": round(compile_s, 2), "real_token_fraction": round(real / slots, 4),
           "padding_fraction": round(1 - real / slots, 4), "first_loss": holder["first_loss"],
-          "xla_flops_per_step": flops, "achieved_gflops": round(achieved, 2),
-          "adjacent_peak_gflops": round(peak_gflops, 1),
+          "xla_flops_per_step": flops,
+          "achieved_gflops": round(flops * len(batches) / pass_s / 1e9, 2),
+          "adjacent_peak_gflops": round(statistics.median(peaks), 1),
           "adjacent_peaks_gflops": [round(p, 1) for p in peaks],
-          "fraction_of_matmul_peak": round(achieved / peak_gflops, 3),
+          "fractions_of_adjacent_peaks": [round(f, 3) for f in fractions],
+          "fraction_of_matmul_peak": round(statistics.median(fractions), 3),
           "batch_shape": list(batches[0]["ids" if "ids" in batches[0] else "chosen_ids"].shape)}
 
 

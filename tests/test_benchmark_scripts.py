@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, run_python
@@ -140,6 +141,10 @@ def test_packed_pairs_quick_measures_every_layout_at_equal_loss(hh_rlhf_path):
   for r in rows:
     assert r["pairs"] == 8 and r["pairs_per_s"] > 0 and r["xla_flops_per_step"] > 0
     assert 0 < r["real_token_fraction"] <= 1 and 0 < r["fraction_of_matmul_peak"]
+    # One fraction per timed step, each between the peaks taken just before and after it.
+    fractions = r["fractions_of_adjacent_peaks"]
+    assert len(r["adjacent_peaks_gflops"]) == len(fractions) + 1 >= 2
+    assert abs(np.median(fractions) - r["fraction_of_matmul_peak"]) <= 1e-3
     if r["layout"].startswith("packed"):
       assert r["packing"]["rows"] >= 1 and r["packing"]["length"] % 128 == 0
       assert ("loss_tokens" in r["packing"]) == r["step"].startswith("dpo")
