@@ -138,7 +138,8 @@ def causal_attention(q, k, v, bias, scale: float, dtype, query_block: int = QUER
   """
   b, t, h, d = q.shape
   heads_major = lambda x: x.astype(dtype).transpose(0, 2, 1, 3)
-  q, k, v = heads_major(q * jnp.asarray(scale, q.dtype)), heads_major(k), heads_major(v)
+  # The scale multiplies q in float32, then rounds once to `dtype` with the transpose.
+  q, k, v = heads_major(q.astype(jnp.float32) * scale), heads_major(k), heads_major(v)
   if k.shape[1] != h:
     k, v = jnp.repeat(k, h // k.shape[1], axis=1), jnp.repeat(v, h // v.shape[1], axis=1)
   blocks = t // query_block if t % query_block == 0 and t >= 2 * query_block else 1
