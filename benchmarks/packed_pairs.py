@@ -21,11 +21,10 @@ after a compile and a warm-up pass, median of `repeats` passes), the fraction of
 token slots that hold real tokens, XLA cost-analysis FLOPs per step, achieved GFLOP/s and its
 fraction of the matmul peak (same dtype) measured next to the timed steps (each step against
 the mean of the peaks taken just before and after it; the median over steps), also of the
-peak measured once at the start, the first step's
-loss and its relative difference from the padded layout's (the layouts must compute the same
-loss), and the speedup over padded. A last line sums up each step: the best packed speedup,
-whether the ≥ 1.5x at equal loss target is met, and whether every layout reaches 0.65 of the
-adjacent peak.
+peak measured once at the start, the first step's loss and its relative difference from the
+padded layout's (the layouts must compute the same loss), and the speedup over padded. A last
+line sums up each step: the best packed speedup, whether the ≥ 1.5x at equal loss target is
+met, and whether every layout reaches 0.65 of the adjacent peak.
 """
 import argparse
 import json
