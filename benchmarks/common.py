@@ -48,6 +48,32 @@ def matmul_peak_meter(sizes=(2048, 4096), dtype=jnp.float32,
                      for n, fn in matmuls.items())
 
 
+def time_against_peak(calls: list[Callable[[], Any]], flops: float,
+                      peak: Callable[[], float]) -> dict[str, list[float]]:
+  """Times each call (blocking on its output) with the matmul peak (`peak()`, GFLOP/s) taken
+  before the first call and after every call. A call's fraction of the peak is its achieved
+  GFLOP/s (`flops` per call) over the mean of the two peaks taken right around it: a step of
+  tens of seconds is long enough for a shared VM's speed to drift by tens of percent, so a
+  peak taken once says little about a step timed minutes later."""
+  seconds, peaks, fractions = [], [peak()], []
+  for call in calls:
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    seconds.append(time.perf_counter() - start)
+    peaks.append(peak())
+    fractions.append(flops / seconds[-1] / 1e9 / statistics.mean(peaks[-2:]))
+  return {"seconds": seconds, "peaks": peaks, "fractions": fractions}
+
+
+def peak_fields(timed: dict[str, list[float]]) -> dict[str, Any]:
+  """The JSON fields of a time_against_peak result: the peaks, each call's fraction, and
+  their median as the reported fraction of the matmul peak."""
+  return {"adjacent_peak_gflops": round(statistics.median(timed["peaks"]), 1),
+          "adjacent_peaks_gflops": [round(p, 1) for p in timed["peaks"]],
+          "fractions_of_adjacent_peaks": [round(f, 3) for f in timed["fractions"]],
+          "fraction_of_matmul_peak": round(statistics.median(timed["fractions"]), 3)}
+
+
 def compiled_stats(compiled) -> dict[str, float]:
   """FLOPs (XLA cost analysis) and per-device memory (memory_analysis) of a compiled step."""
   cost = compiled.cost_analysis()

@@ -27,6 +27,7 @@ line sums up each step: the best packed speedup, whether the ≥ 1.5x at equal l
 met, and whether every layout reaches 0.65 of the adjacent peak.
 """
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -156,10 +157,8 @@ def token_slots(arrays) -> tuple[int, int]:
 
 def measure(loss_fn, params, batches, *, pairs: int, ref=None, repeats: int, peak) -> dict:
   """Compiles the train step for the batches' shape, then times passes over all batches
-  (`pairs` in all), the matmul peak (`peak()`, GFLOP/s) taken before every timed step and
-  after the last. Each step's fraction of the peak is against the mean of the two peaks
-  taken right around it, and the reported fraction is the median of those: a padded step
-  takes half a minute here, long enough for this VM's speed to drift by tens of percent."""
+  (`pairs` in all), each step against the matmul peak (`peak()`) taken right around it
+  (common.time_against_peak; the median of the steps' fractions is reported)."""
   tx = optax.adamw(1e-6)
   params = jax.tree.map(jnp.copy, params)  # Each layout donates its own copy.
   state = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
@@ -183,28 +182,18 @@ def measure(loss_fn, params, batches, *, pairs: int, ref=None, repeats: int, pea
   for b in device_batches:  # Warm-up pass.
     jax.block_until_ready(run(b))
   flops = common.compiled_stats(compiled)["xla_flops"]
-  pass_times, peaks, fractions = [], [peak()], []
-  for _ in range(repeats):
-    pass_s = 0.0
-    for b in device_batches:
-      start = time.perf_counter()
-      jax.block_until_ready(run(b))
-      step_s = time.perf_counter() - start
-      peaks.append(peak())
-      fractions.append(flops / step_s / 1e9 / statistics.mean(peaks[-2:]))
-      pass_s += step_s
-    pass_times.append(pass_s)
-  pass_s = statistics.median(pass_times)
+  calls = [functools.partial(run, b) for _ in range(repeats) for b in device_batches]
+  timed = common.time_against_peak(calls, flops, peak)
+  n = len(device_batches)
+  pass_s = statistics.median(sum(timed["seconds"][i:i + n])
+                             for i in range(0, len(calls), n))
   real, slots = map(sum, zip(*(token_slots(b) for b in batches)))
   return {"pairs_per_s": round(pairs / pass_s, 2), "step_s": round(pass_s / len(batches), 5),
           "compile_s": round(compile_s, 2), "real_token_fraction": round(real / slots, 4),
           "padding_fraction": round(1 - real / slots, 4), "first_loss": holder["first_loss"],
           "xla_flops_per_step": flops,
           "achieved_gflops": round(flops * len(batches) / pass_s / 1e9, 2),
-          "adjacent_peak_gflops": round(statistics.median(peaks), 1),
-          "adjacent_peaks_gflops": [round(p, 1) for p in peaks],
-          "fractions_of_adjacent_peaks": [round(f, 3) for f in fractions],
-          "fraction_of_matmul_peak": round(statistics.median(fractions), 3),
+          **common.peak_fields(timed),
           "batch_shape": list(batches[0]["ids" if "ids" in batches[0] else "chosen_ids"].shape)}
 
 
