@@ -7,10 +7,13 @@ Variants (8 pairs each): (1) prompt 128 + response 128 with the frozen reference
 step; (2) the same with precomputed reference log-probs; (3)/(4) prompt 384 + response 128,
 unshared vs prefix-shared. Prints one JSON line with tokens/s, XLA-counted and analytic FLOPs
 (policy 6·N per token + reference 2·N per token, matmul params N, plus attention) and the
-fraction of a float32 matmul peak measured in the same process.
+fraction of the float32 matmul peak, taken before and after every timed step
+(common.time_against_peak: each step against the mean of the peaks around it, the median
+reported).
 """
 import argparse
 import json
+import statistics
 import time
 
 import jax
@@ -26,7 +29,7 @@ from rlhf_jax.train import step as step_lib
 
 
 def run_variant(module, params, *, pairs: int, prompt: int, response: int, reference: str,
-                shared: bool, steps: int):
+                shared: bool, steps: int, peak):
   cfg = module.cfg
   rng = np.random.RandomState(0)
   examples = [data.TokenizedPair(rng.randint(2, cfg.vocab_size, prompt).astype(np.int32),
@@ -59,8 +62,10 @@ def run_variant(module, params, *, pairs: int, prompt: int, response: int, refer
     holder["state"], metrics = compiled(holder["state"], batch)
     return metrics["loss"]
 
-  step_s = common.median_seconds(run, steps)
+  jax.block_until_ready(run())  # Warm-up.
   stats = common.compiled_stats(compiled)
+  timed = common.time_against_peak([run] * steps, stats["xla_flops"], peak)
+  step_s = statistics.median(timed["seconds"])
   # Analytic: tokens the model actually processes (a shared row holds the prompt once).
   tokens = pairs * (prompt + 2 * response) if shared else 2 * pairs * (prompt + response)
   n = cfg.num_params() - cfg.vocab_size * cfg.d_model * (0 if cfg.tie_embeddings else 1)
@@ -74,7 +79,7 @@ def run_variant(module, params, *, pairs: int, prompt: int, response: int, refer
           "flops_xla": stats["xla_flops"], "flops_analytic": per_token * tokens + attn,
           "flops_xla_per_pair": stats["xla_flops"] / pairs,
           "achieved_gflops": round(stats["xla_flops"] / step_s / 1e9, 1),
-          "temp_bytes": stats.get("temp_size_in_bytes")}
+          "temp_bytes": stats.get("temp_size_in_bytes"), **common.peak_fields(timed)}
 
 
 def main():
@@ -84,7 +89,7 @@ def main():
   args = parser.parse_args()
   module = models.build_model(models.get_config(args.model))
   params = parallel.init_params(module, jax.random.key(0), jnp.ones((1, 8), jnp.int32))
-  common_kw = dict(pairs=8, steps=args.steps)
+  common_kw = dict(pairs=8, steps=args.steps, peak=common.matmul_peak_meter())
   variants = {
       "model_ref": run_variant(module, params, prompt=128, response=128, reference="model",
                                shared=False, **common_kw),
@@ -95,9 +100,6 @@ def main():
       "long_prompt_shared": run_variant(module, params, prompt=384, response=128,
                                         reference="model", shared=True, **common_kw),
   }
-  peak = common.matmul_peak()
-  for v in variants.values():
-    v["fraction_of_matmul_peak"] = round(v["achieved_gflops"] / max(peak.values()), 3)
   v = variants
   print(json.dumps({
       "benchmark": "dpo_step", "model": args.model, **v,
@@ -106,7 +108,7 @@ def main():
       "prefix_sharing_flops_saving_per_pair": round(
           1 - v["long_prompt_shared"]["flops_xla_per_pair"]
           / v["long_prompt_unshared"]["flops_xla_per_pair"], 3),
-      **{k: round(x, 1) for k, x in peak.items()}, **common.device_info()}))
+      **common.device_info()}))
 
 
 if __name__ == "__main__":

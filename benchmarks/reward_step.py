@@ -3,10 +3,12 @@
   python benchmarks/reward_step.py --model small     # 8 pairs, prompt 128 + response 128
 
 Prints one JSON line: tokens/s (both sequences of every pair), compile time, XLA FLOPs,
-achieved GFLOP/s and the fraction of a float32 matmul peak measured in the same process.
+achieved GFLOP/s and the fraction of the float32 matmul peak taken before and after every timed
+step (common.time_against_peak).
 """
 import argparse
 import json
+import statistics
 import time
 
 import jax
@@ -58,18 +60,19 @@ def main():
     holder["state"], metrics = compiled(holder["state"], batch)
     return metrics["loss"]
 
-  step_s = common.median_seconds(run, args.steps)
-  tokens = 2 * args.pairs * seq
+  peak = common.matmul_peak_meter()
+  jax.block_until_ready(run())  # Warm-up.
   stats = common.compiled_stats(compiled)
-  peak = common.matmul_peak()
+  timed = common.time_against_peak([run] * args.steps, stats["xla_flops"], peak)
+  step_s = statistics.median(timed["seconds"])
+  tokens = 2 * args.pairs * seq
   achieved = stats["xla_flops"] / step_s / 1e9
   print(json.dumps({
       "benchmark": "reward_step", "model": args.model, "dtype": args.dtype,
       "pairs": args.pairs, "seq": seq, "tokens_per_s": round(tokens / step_s, 1),
       "step_s": round(step_s, 4), "trace_lower_s": round(t1 - t0, 2),
       "compile_s": round(t2 - t1, 2), "flops_xla": stats["xla_flops"],
-      "achieved_gflops": round(achieved, 1), **{k: round(v, 1) for k, v in peak.items()},
-      "fraction_of_matmul_peak": round(achieved / max(peak.values()), 3),
+      "achieved_gflops": round(achieved, 1), **common.peak_fields(timed),
       "memory": {k: v for k, v in stats.items() if k != "xla_flops"}, **common.device_info()}))
 
 

@@ -3,10 +3,12 @@
   python benchmarks/train_step.py --model small     # batch 16 x seq 256, float32
 
 Prints one JSON line: tokens/s, compile time, FLOPs (XLA cost analysis, and 6·N·tokens),
-achieved GFLOP/s, and the fraction of a float32 matmul peak measured in the same process.
+achieved GFLOP/s, and the fraction of the float32 matmul peak taken before and after every
+timed step (common.time_against_peak).
 """
 import argparse
 import json
+import statistics
 import time
 
 import jax
@@ -60,16 +62,17 @@ def main():
     holder["state"], loss = compiled(holder["state"], ids, mask)
     return loss
 
-  step_s = common.median_seconds(run, args.steps)
-  tokens = args.batch * args.seq
+  peak = common.matmul_peak_meter()
+  jax.block_until_ready(run())  # Warm-up.
   stats = common.compiled_stats(compiled)
+  timed = common.time_against_peak([run] * args.steps, stats["xla_flops"], peak)
+  step_s = statistics.median(timed["seconds"])
+  tokens = args.batch * args.seq
   # 6·N·tokens counts matmul params only: the embedding lookup is a gather, not a matmul.
   wpe = 0 if cfg.uses_rope else cfg.max_len * cfg.d_model
   n_matmul = cfg.num_params() - wpe - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
   flops_6n = 6 * n_matmul * tokens
   attn_flops = 12 * cfg.n_layers * args.seq * cfg.n_heads * cfg.head_size * tokens
-  peak = common.matmul_peak()
-  peak_gflops = max(peak.values())
   achieved = stats["xla_flops"] / step_s / 1e9
   print(json.dumps({
       "benchmark": "train_step", "model": args.model, "dtype": args.dtype, "remat": args.remat,
@@ -80,8 +83,7 @@ def main():
       "flops_6n_plus_attention": flops_6n + attn_flops,
       "achieved_gflops": round(achieved, 1),
       "achieved_gflops_6n": round(flops_6n / step_s / 1e9, 1),
-      **{k: round(v, 1) for k, v in peak.items()},
-      "fraction_of_matmul_peak": round(achieved / peak_gflops, 3),
+      **common.peak_fields(timed),
       "memory": {k: v for k, v in stats.items() if k != "xla_flops"},
       **common.device_info()}))
 
