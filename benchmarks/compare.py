@@ -23,7 +23,8 @@ default: XLA:CPU uses both cores too):
 
 Before timing, each workload checks that the two sides agree (W1/W2: the loss of the first
 step; W3: the prompt logits), so the comparison is between the same computations. Timed
-calls alternate ours, theirs, ours, theirs... so load from other processes hits both alike;
+calls alternate ours, theirs, ours, theirs... so load from other processes hits both alike,
+each timed call right after an untimed one of its own side (see `interleave`);
 medians are reported with the per-side spread ((max - min) / median) as the noise figure.
 FLOPs are XLA's cost analysis of our compiled step (W1/W2; both sides do this math) or an
 analytic count (W3: a while loop, which cost analysis counts once); "fraction of peak"
@@ -113,10 +114,15 @@ def matmul_flops(cfg) -> int:
 
 
 def interleave(ours, theirs, rounds: int):
-  """Alternating timed calls; lists of seconds for each side."""
+  """Alternating timed calls, each right after an untimed call of its own side; lists of
+  seconds for each side. The untimed call keeps one side's memory traffic out of the other's
+  timing. Every small W2 step of ours takes ~560k page faults (its 2.2 GB temp buffer); timed
+  right after a torch step they cost 4-18 s of system time, right after a step of its own
+  0.2-2.7 s, as in a training loop where steps run back to back."""
   mine, other = [], []
   for _ in range(rounds):
     for fn, out in ((ours, mine), (theirs, other)):
+      jax.block_until_ready(fn())
       start = time.perf_counter()
       jax.block_until_ready(fn())
       out.append(time.perf_counter() - start)
