@@ -1,10 +1,22 @@
 """Shared measurement helpers for the benchmark scripts (each prints one JSON line)."""
+import os
 import statistics
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+
+from rlhf_jax import host_memory
+
+
+def run_main(main: Callable[[], Any]) -> None:
+  """A timing script's entry point: on a CPU backend the script first starts again with the
+  host-memory settings every rlhf_jax run uses (rlhf_jax.host_memory: XLA:CPU's freed temp
+  buffers kept for the next step), so steps are timed as a training run takes them. Both
+  sides of a side-by-side run (torch too) share the process and so the settings."""
+  host_memory.reexec_with_retained_memory()
+  main()
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
@@ -89,4 +101,5 @@ def compiled_stats(compiled) -> dict[str, float]:
 
 def device_info() -> dict[str, str]:
   d = jax.devices()[0]
-  return {"platform": d.platform, "device_kind": d.device_kind, "devices": jax.device_count()}
+  return {"platform": d.platform, "device_kind": d.device_kind, "devices": jax.device_count(),
+          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}  # host_memory's, or none.

@@ -375,4 +375,4 @@ def main():
       print(json.dumps({**result, **shared}), flush=True)
 
 if __name__ == "__main__":
-  main()
+  common.run_main(main)
