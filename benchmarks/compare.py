@@ -116,9 +116,10 @@ def matmul_flops(cfg) -> int:
 def interleave(ours, theirs, rounds: int):
   """Alternating timed calls, each right after an untimed call of its own side; lists of
   seconds for each side. The untimed call keeps one side's memory traffic out of the other's
-  timing. Every small W2 step of ours takes ~560k page faults (its 2.2 GB temp buffer); timed
-  right after a torch step they cost 4-18 s of system time, right after a step of its own
-  0.2-2.7 s, as in a training loop where steps run back to back."""
+  timing. With the system's malloc every small W2 step of ours took ~560k page faults (its
+  2.2 GB temp buffer, which rlhf_jax.host_memory now keeps): timed right after a torch step
+  they cost 4.3-12.3 s of system time, right after a step of its own 1.2-2.7 s, as in a
+  training loop where steps run back to back."""
   mine, other = [], []
   for _ in range(rounds):
     for fn, out in ((ours, mine), (theirs, other)):
