@@ -17,6 +17,15 @@ os.environ.setdefault(
 import jax  # noqa: E402  (after the environment above)
 import pytest  # noqa: E402
 
+from rlhf_jax import host_memory  # noqa: E402
+
+# Subprocesses (`python -m rlhf_jax.main`, the benchmark scripts) get the host-memory settings
+# in their environment from the start, as they would get them by restarting themselves
+# (rlhf_jax.host_memory): the same runs, one interpreter start fewer each.
+_retained = host_memory.retained_memory_env()
+if _retained is not None:
+  os.environ["GLIBC_TUNABLES"] = _retained["GLIBC_TUNABLES"]
+
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

@@ -3,6 +3,7 @@ freed big buffer for the next allocation in another thread (no page faults the s
 while the system default faults it in again."""
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -78,3 +79,25 @@ def test_where_the_settings_apply(monkeypatch):
   assert not host_memory.runs_on_cpu({})
   monkeypatch.setattr(host_memory.importlib.util, "find_spec", lambda name: None)
   assert host_memory.runs_on_cpu({})
+
+
+def test_the_entry_point_runs_with_the_settings(tmp_path):
+  """`python -m rlhf_jax.main` on a CPU backend: a sitecustomize module records each
+  interpreter that exits; the one that prints the usage text runs with the tunables."""
+  record = tmp_path / "exits.txt"
+  (tmp_path / "sitecustomize.py").write_text(
+      "import atexit, os\n"
+      "def _done():\n"
+      f"  with open({str(record)!r}, 'a') as f:\n"
+      "    f.write(os.environ.get('GLIBC_TUNABLES', '') + '\\n')\n"
+      "atexit.register(_done)\n")
+  env = _env(PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO_ROOT)]))
+  proc = subprocess.run([sys.executable, "-m", "rlhf_jax.main", "--helpshort"], env=env,
+                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+  assert "--workdir" in proc.stdout + proc.stderr, proc.stderr[-4000:]  # absl's usage text.
+  exits = record.read_text().splitlines()
+  # The first start never reaches its exit hooks (execve replaces it): one record, the
+  # restarted process's (on glibc Linux; elsewhere the only start, without tunables).
+  applies = host_memory.retained_memory_env(env) is not None
+  assert applies == (sys.platform == "linux" and platform.libc_ver()[0] == "glibc")
+  assert exits == [host_memory.TUNABLES if applies else ""], exits
