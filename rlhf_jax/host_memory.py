@@ -4,7 +4,7 @@ An XLA:CPU executable allocates its temporaries as one buffer per call: 2.2 GB f
 model's reward step on 8 pairs x 256 tokens, 4.6 GB for its DPO step on 8 pairs x 512. glibc
 serves blocks that big with mmap (XLA's worker threads allocate in their own arenas, where
 anything over 64 MB is always mapped) and unmaps them when the step ends, so every step faults
-its whole temp buffer in again: on this project's 2-core VM ~1.2M page faults and 4-9 s of
+its whole temp buffer in again: on this project's 2-core VM ~1.2M page faults and 3.8-8.5 s of
 system time in a 12-15 s DPO step at 512 tokens. Three glibc tunables keep freed memory in the
 process for reuse:
 
